@@ -1,0 +1,87 @@
+"""Serve the app with uvicorn on a unix socket, inside the caller's event loop (the agent actor's)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+
+from api.peercred import PeerCredH11Protocol, PeerCredWebSocketProtocol
+
+log = logging.getLogger(__name__)
+
+
+def bind_unix(path: Path, mode: int = 0o660) -> socket.socket:
+    """Bind the API socket, replacing a stale one (a live server answering on it is an error)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()
+        else:
+            raise RuntimeError(f"another server is already listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    os.chmod(path, mode)
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """The embedding process owns the signals (the agent actor, a test, the CLI)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class ApiServer:
+    """uvicorn without its signal handling, on an already bound socket."""
+
+    def __init__(self, app: FastAPI, path: Path, mode: int = 0o660) -> None:
+        self.path = path
+        self._sock = bind_unix(path, mode)
+        config = uvicorn.Config(
+            app,
+            http=PeerCredH11Protocol,
+            ws=PeerCredWebSocketProtocol,
+            ws_per_message_deflate=False,  # compression costs 30x throughput on exec streams
+            ws_ping_interval=10.0,  # keepalive pings, never fatal (spec §5.7)
+            ws_ping_timeout=None,
+            ws_max_size=16 << 20,
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=1,
+            backlog=1024,
+        )
+        self._server = _EmbeddedServer(config)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[self._sock]))
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        self._server.should_exit = True
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await self._task
+        self._sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()

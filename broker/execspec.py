@@ -1,0 +1,164 @@
+"""Pure exec rules of the Incus contract: request validation (§3.2), environment defaulting (§3.3),
+socket layout (§3.4, §5.2), control messages (§5.6) and exit status mapping (§5.9). No IO."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from broker.errors import BadRequest
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+EXTRA_PATHS = (("/snap", "/snap/bin"), ("/etc/NIXOS", "/run/current-system/sw/bin"))
+CONTROL = "control"
+
+
+class ExecPost(BaseModel):
+    """``InstanceExecPost``: unknown keys ignored, nulls accepted where clients send them."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    command: list[str]
+    environment: dict[str, str] | None = None
+    wait_for_websocket: bool = Field(False, alias="wait-for-websocket")
+    interactive: bool = False
+    width: int = 0
+    height: int = 0
+    record_output: bool = Field(False, alias="record-output")
+    user: int | None = None
+    group: int | None = None
+    cwd: str | None = None
+
+    @field_validator("user", "group")
+    @classmethod
+    def _uint32(cls, v: int | None) -> int | None:
+        if v is not None and not 0 <= v < 2**32:
+            raise ValueError("must be an unsigned 32-bit integer")
+        return v
+
+
+def parse_exec_post(body: bytes) -> ExecPost:
+    """Parse and check the request (validation steps 2-4); raises BadRequest with the exact texts."""
+    try:
+        post = ExecPost.model_validate_json(body)
+    except ValueError as exc:
+        raise BadRequest(_first_error(exc)) from None
+    if post.record_output and post.wait_for_websocket:
+        raise BadRequest('Cannot use "record-output" in combination with "wait-for-websocket"')
+    if post.interactive and post.record_output:
+        raise BadRequest('Cannot use "interactive" in combination with "record-output"')
+    if not post.command:
+        raise BadRequest("Command is required")
+    return post
+
+
+def _first_error(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return f"{where}: {first['msg']}" if where else str(first["msg"])
+    return str(exc)
+
+
+def build_environment(
+    requested: dict[str, str] | None,
+    instance_config: dict[str, str],
+    user: int,
+    path_exists: Callable[[str], bool],
+) -> dict[str, str]:
+    """The exact process environment (spec §3.3, in that order)."""
+    env = dict(requested or {})
+    for key, value in instance_config.items():
+        if key.startswith("environment."):
+            env.setdefault(key[len("environment."):], value)
+    if "PATH" not in env:
+        path = DEFAULT_PATH
+        for marker, extra in EXTRA_PATHS:
+            if path_exists(marker):
+                path = f"{path}:{extra}"
+        env["PATH"] = path
+    if user == 0:
+        env.setdefault("HOME", "/root")
+        env.setdefault("USER", "root")
+    env.setdefault("LANG", "C.UTF-8")
+    return env
+
+
+def socket_secrets(interactive: bool) -> dict[str, str]:
+    """fd name -> 64 hex secret: 0 and control when interactive, else 0, 1, 2 and control."""
+    names = ["0", CONTROL] if interactive else ["0", "1", "2", CONTROL]
+    return {name: secrets.token_hex(32) for name in names}
+
+
+def required_sockets(interactive: bool) -> frozenset[str]:
+    """The sockets the command waits for (§5.2): control is optional when non-interactive."""
+    return frozenset({"0", CONTROL}) if interactive else frozenset({"0", "1", "2"})
+
+
+def find_socket(fds: dict[str, str], secret: str) -> str | None:
+    """The fd whose secret matches, compared in constant time."""
+    found = None
+    for name, value in fds.items():
+        if secrets.compare_digest(value.encode(), secret.encode()):
+            found = name
+    return found
+
+
+@dataclass(frozen=True)
+class Resize:
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Signal:
+    signum: int
+
+
+ControlAction = Resize | Signal | None
+
+
+def parse_control(message: str | bytes, interactive: bool) -> ControlAction:
+    """A control-socket message (§5.6): bad JSON, unknown commands and bad args are ignored (None)."""
+    try:
+        msg: Any = json.loads(message)
+    except ValueError:
+        return None
+    if not isinstance(msg, dict):
+        return None
+    command = msg.get("command")
+    if command == "window-resize" and interactive:
+        args = msg.get("args") or {}
+        try:
+            width, height = int(args["width"]), int(args["height"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        if not (0 < width < 2**16 and 0 < height < 2**16):
+            return None
+        return Resize(width, height)
+    if command == "signal":
+        signum = msg.get("signal")
+        if isinstance(signum, int) and not isinstance(signum, bool) and 0 < signum < 65:
+            return Signal(signum)
+    return None
+
+
+@dataclass(frozen=True)
+class ExitResult:
+    code: int
+    error: str  # "" → Success; otherwise the operation fails with this text
+
+
+def exit_result(code: int) -> ExitResult:
+    """§5.9: 126/127 fail the operation with the exact texts; everything else succeeds."""
+    if code == 127:
+        return ExitResult(127, "Command not found")
+    if code == 126:
+        return ExitResult(126, "Command not executable")
+    return ExitResult(code, "")

@@ -1,0 +1,57 @@
+"""Incus-shaped JSON for instances (spec §8 / pylxd's Instance attributes)."""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+from broker import timefmt
+from node_agent.instances import Instance
+
+STATUS_CODE = {"Running": 103, "Stopped": 102, "Frozen": 110, "Error": 112}
+ARCH = platform.machine()
+
+
+def instance_url(name: str) -> str:
+    return f"/1.0/instances/{name}"
+
+
+def render_state(inst: Instance) -> dict[str, Any]:
+    return {
+        "status": inst.status,
+        "status_code": STATUS_CODE[inst.status],
+        "disk": {},
+        "memory": {"usage": 0, "usage_peak": 0, "swap_usage": 0, "swap_usage_peak": 0},
+        "network": {},
+        "pid": inst.pid or 0,
+        "processes": -1,
+        "cpu": {"usage": 0},
+    }
+
+
+def render_instance(inst: Instance, location: str, recursion: int = 1) -> dict[str, Any]:
+    config = {"image.os": inst.image, **inst.config}
+    body: dict[str, Any] = {
+        "architecture": ARCH,
+        "config": config,
+        "created_at": timefmt.rfc3339(inst.created_at),
+        "description": "",
+        "devices": {},
+        "ephemeral": False,
+        "expanded_config": config,
+        "expanded_devices": {},
+        "name": inst.name,
+        "profiles": ["default"],
+        "project": "default",
+        "stateful": False,
+        "status": inst.status,
+        "status_code": STATUS_CODE[inst.status],
+        "last_used_at": timefmt.rfc3339(inst.last_used_at),
+        "location": location,
+        "type": "container",
+    }
+    if recursion >= 2:
+        body["state"] = render_state(inst)
+        body["snapshots"] = []
+        body["backups"] = []
+    return body
