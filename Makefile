@@ -1,0 +1,39 @@
+# execbroker: `make up` runs a one-node broker, `make test` runs the whole suite.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+export EXECBROKER_DIR ?= /var/lib/execbroker
+
+.PHONY: up test test-unit bench bench-quick clean deps
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+deps:
+	sh deploy/system-deps.sh
+
+up: deps $(VENV)/.installed
+	$(BIN)/execbroker up
+
+test: $(VENV)/.installed
+	sh deploy/system-deps.sh --test
+	$(BIN)/pytest
+
+test-unit: $(VENV)/.installed
+	$(BIN)/pytest tests -m "not broker"
+
+bench: $(VENV)/.installed
+	sh deploy/system-deps.sh --test
+	$(BIN)/python -m bench.run
+
+bench-quick: $(VENV)/.installed
+	sh deploy/system-deps.sh --test
+	$(BIN)/python -m bench.run --quick
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache
