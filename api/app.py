@@ -152,7 +152,7 @@ def create_app(backend: NodeService) -> FastAPI:
         check_project(request)
         return envelope.async_op(backend.change_state(name, await json_body(request), identity(request)))
 
-    @app.post("/1.0/instances/{name}/exec")
+    @app.post("/1.0/instances/{name:path}/exec")
     async def exec_(name: str, request: Request) -> Response:
         check_project(request)
         raw = await request.body()
@@ -160,12 +160,12 @@ def create_app(backend: NodeService) -> FastAPI:
             raise BadRequest("http: request body too large")
         return envelope.async_op(backend.exec(name, raw, identity(request)))
 
-    @app.get("/1.0/instances/{name}/logs/exec-output")
+    @app.get("/1.0/instances/{name:path}/logs/exec-output")
     async def exec_outputs(name: str, request: Request) -> Response:
         check_project(request)
         return envelope.sync(backend.exec_output_list(name))
 
-    @app.get("/1.0/instances/{name}/logs/exec-output/{filename}")
+    @app.get("/1.0/instances/{name:path}/logs/exec-output/{filename}")
     async def exec_output(name: str, filename: str, request: Request) -> Response:
         check_project(request)
         fd = backend.exec_output_open(name, filename)
@@ -179,7 +179,7 @@ def create_app(backend: NodeService) -> FastAPI:
         return StreamingResponse(chunks(), media_type="application/octet-stream", headers={
             "Content-Length": str(size), "Content-Disposition": f"inline;filename={filename}"})
 
-    @app.delete("/1.0/instances/{name}/logs/exec-output/{filename}")
+    @app.delete("/1.0/instances/{name:path}/logs/exec-output/{filename}")
     async def delete_exec_output(name: str, filename: str, request: Request) -> Response:
         check_project(request)
         backend.exec_output_delete(name, filename)

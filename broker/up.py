@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
         agent = NodeAgent.options(
             name=agent_name(node_id), namespace=NAMESPACE, max_concurrency=100_000,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-        ).remote(str(directory), server_name, clustered=address != "local")
+        ).remote(str(directory), server_name, clustered=address != "local",
+                 socket_mode=int(os.environ.get("EXECBROKER_SOCKET_MODE", "660"), 8))
         info = ray.get(agent.start.remote())
         default = os.environ.get("EXECBROKER_DEFAULT_INSTANCE", "c1")
         if default:

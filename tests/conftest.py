@@ -1,0 +1,156 @@
+"""Shared fixtures: one real broker (`execbroker up`: real Ray, uvicorn, instances) per test session."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    """Poll ``cond`` until it returns something truthy; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def processes_mentioning(text: str) -> list[tuple[int, str]]:
+    """Live processes whose command line mentions ``text`` (zombies excluded)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{entry}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmd and state != "Z":
+            found.append((int(entry), cmd))
+    return found
+
+
+@dataclass
+class Broker:
+    base: Path
+    data_dir: Path
+    proc: subprocess.Popen[str]
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def socket(self) -> Path:
+        return self.data_dir / "unix.socket"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "LXD_DIR": str(self.data_dir), "EXECBROKER_DIR": str(self.data_dir),
+                "HOME": str(self.base / "home")}
+
+    def lxc(self, *args: str, input: bytes | None = None, timeout: float = 60,
+            check: bool = False) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(["lxc", *args], input=input, capture_output=True, env=self.env,
+                              timeout=timeout, check=check)
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://eb",
+                            timeout=30)
+
+    def api(self, method: str, path: str, body: Any = None, status: int | None = None) -> dict[str, Any]:
+        with self.http() as c:
+            r = c.request(method, path, content=None if body is None else json.dumps(body))
+        if status is not None:
+            assert r.status_code == status, r.text
+        return r.json()
+
+    def wait_op(self, op_url: str, timeout: int = 30) -> dict[str, Any]:
+        return self.api("GET", f"{op_url}/wait?timeout={timeout}")["metadata"]
+
+
+def _start_broker(base: Path) -> Broker:
+    data = base / "data"
+    (base / "home").mkdir(parents=True)
+    env = {**os.environ, "EXECBROKER_DIR": str(data), "RAY_TMPDIR": str(base / "ray"),
+           "EXECBROKER_SOCKET_MODE": "666", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([str(BIN / "execbroker"), "up"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, start_new_session=True)
+    broker = Broker(base=base, data_dir=data, proc=proc)
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            broker.output.append(line)
+            if "serving on" in line:
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not ready.wait(180) or proc.poll() is not None:
+        proc.kill()
+        raise RuntimeError("execbroker up did not start:\n" + "".join(broker.output))
+    return broker
+
+
+def _stop_broker(broker: Broker) -> None:
+    try:
+        with broker.http() as c:
+            names = [i["name"] for i in c.get("/1.0/instances?recursion=1").json()["metadata"]]
+            for name in names:
+                op = c.put(f"/1.0/instances/{name}/state", json={"action": "stop", "force": True}).json()
+                if op.get("operation"):
+                    c.get(f"{op['operation']}/wait?timeout=30")
+                op = c.delete(f"/1.0/instances/{name}").json()
+                if op.get("operation"):
+                    c.get(f"{op['operation']}/wait?timeout=30")
+    finally:
+        broker.proc.send_signal(signal.SIGTERM)
+        try:
+            broker.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(broker.proc.pid, signal.SIGKILL)
+            broker.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[Broker]:
+    base = Path(tempfile.mkdtemp(prefix="eb-", dir="/tmp"))
+    b = _start_broker(base)
+    try:
+        yield b
+    finally:
+        _stop_broker(b)
+        try:
+            wait_for(lambda: not processes_mentioning(str(base)), 30, "broker processes to exit")
+        except AssertionError:
+            raise AssertionError(f"leaked processes: {processes_mentioning(str(base))}") from None
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture()
+def c1(broker: Broker) -> str:
+    """The running busybox instance `up` created."""
+    inst = broker.api("GET", "/1.0/instances/c1", status=200)["metadata"]
+    assert inst["status"] == "Running"
+    return "c1"
