@@ -1,0 +1,408 @@
+"""Small async client for the Incus/LXD REST API over a unix socket, with exec and events.
+
+REST goes through httpx; websockets use the ``websockets`` asyncio client with compression off (permessage-deflate
+makes bulk exec traffic ~30x slower) and without client pings (the server pings; missing pongs are never fatal).
+
+Exec frame conventions (both directions): a binary frame is data, any text frame (normally empty) is the
+end-of-stream barrier. See docs in /work/shared/reference/exec-api-spec.md §5 and §8.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from websockets.asyncio.client import ClientConnection, unix_connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+DEFAULT_DIR = "/var/lib/execbroker"
+STDIN_CHUNK = 1 << 20  # bytes stdin is sent in frames of this size
+# After the operation has finished, outputs still in flight get this long to arrive before being cut off.
+DRAIN_GRACE = 5.0
+
+Sink = Callable[[bytes], object]
+Stdin = AsyncIterator[bytes] | bytes | None
+
+
+def default_socket_path() -> str:
+    """``$EXECBROKER_SOCKET``, else ``$EXECBROKER_DIR/unix.socket`` (dir defaults to /var/lib/execbroker)."""
+    explicit = os.environ.get("EXECBROKER_SOCKET")
+    if explicit:
+        return explicit
+    return os.path.join(os.environ.get("EXECBROKER_DIR") or DEFAULT_DIR, "unix.socket")
+
+
+class ClientError(Exception):
+    """An error envelope from the server (or a failed websocket upgrade): HTTP status and message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class OperationError(ClientError):
+    """A background operation ended in Failure/Cancelled; ``operation`` is its final object."""
+
+    def __init__(self, operation: Mapping[str, Any]) -> None:
+        super().__init__(int(operation.get("status_code") or 400), operation.get("err") or "Operation failed")
+        self.operation = operation
+
+
+@dataclass(frozen=True)
+class Response:
+    """A parsed sync or async envelope."""
+
+    status: int  # HTTP status
+    type: str  # "sync" | "async"
+    metadata: Any
+    operation: str  # "/1.0/operations/<id>" for async responses, else ""
+
+    @property
+    def operation_id(self) -> str:
+        return self.operation.rsplit("/", 1)[-1] if self.operation else ""
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    return_code: int | None  # metadata.return; None if the server never set it
+    error: str  # operation ``err`` ("" on success), e.g. "Command not found"
+    stdout_bytes: int = 0  # bytes received on stdout (the PTY stream when interactive)
+    stderr_bytes: int = 0
+
+
+def _envelope_error(status: int, body: bytes) -> ClientError:
+    try:
+        doc = json.loads(body)
+        message = doc.get("error") or ""
+    except (ValueError, AttributeError):
+        message = ""
+    return ClientError(status, message or body.decode("utf-8", "replace").strip() or f"HTTP {status}")
+
+
+class Client:
+    """One connection pool to one server socket. Use as ``async with Client(path) as c:``."""
+
+    def __init__(self, socket_path: str | None = None, *, timeout: float = 30.0) -> None:
+        self.socket_path = socket_path or default_socket_path()
+        self._http = httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=self.socket_path),
+            base_url="http://unix.socket",
+            timeout=timeout,
+        )
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # ---- REST ---------------------------------------------------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        params: Mapping[str, str] | None = None,
+        timeout: float | None | object = httpx.USE_CLIENT_DEFAULT,
+    ) -> Response:
+        r = await self._http.request(method, path, json=body, params=params, timeout=timeout)  # type: ignore[arg-type]
+        try:
+            doc = r.json()
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict) or doc.get("type") == "error" or r.status_code >= 400:
+            raise _envelope_error(r.status_code, r.content)
+        return Response(r.status_code, doc.get("type", ""), doc.get("metadata"), doc.get("operation") or "")
+
+    async def get(self, path: str, **params: str) -> Any:
+        """GET a sync resource and return its ``metadata``."""
+        return (await self.request("GET", path, params=params or None)).metadata
+
+    async def post(self, path: str, body: Any = None) -> Response:
+        return await self.request("POST", path, body)
+
+    async def put(self, path: str, body: Any = None) -> Response:
+        return await self.request("PUT", path, body)
+
+    async def patch(self, path: str, body: Any = None) -> Response:
+        return await self.request("PATCH", path, body)
+
+    async def delete(self, path: str) -> Response:
+        return await self.request("DELETE", path)
+
+    async def wait_operation(self, op_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Block on ``/1.0/operations/{id}/wait`` and return the Operation (maybe still Running on timeout)."""
+        seconds = -1 if timeout is None else max(1, int(timeout + 0.999))
+        r = await self.request(
+            "GET", f"/1.0/operations/{op_id}/wait", params={"timeout": str(seconds)},
+            timeout=None if timeout is None else timeout + 10,
+        )
+        return r.metadata
+
+    async def finish(self, resp: Response, timeout: float | None = None) -> Any:
+        """Sync response → its metadata. Async → wait for the operation; raise OperationError if it failed."""
+        if resp.type != "async":
+            return resp.metadata
+        op = await self.wait_operation(resp.operation_id, timeout)
+        if op.get("status_code", 0) >= 400 or op.get("err"):
+            raise OperationError(op)
+        return op
+
+    # ---- websockets ---------------------------------------------------------------------------------------
+
+    async def websocket(self, path: str) -> ClientConnection:
+        """Open a websocket on the server; an HTTP error response becomes ClientError."""
+        try:
+            return await unix_connect(
+                self.socket_path,
+                "ws://unix.socket" + path,
+                compression=None,
+                max_size=None,
+                ping_interval=None,
+                close_timeout=2,
+                write_limit=1 << 18,
+                user_agent_header="execbroker-client",
+            )
+        except InvalidStatus as e:
+            raise _envelope_error(e.response.status_code, e.response.body or b"") from None
+
+    async def events(self, types: Iterable[str] = (), *, all_projects: bool = False) -> EventStream:
+        """Subscribe to ``/1.0/events``; connected on return, so nothing that happens afterwards is missed."""
+        query = []
+        if types:
+            query.append("type=" + ",".join(types))
+        if all_projects:
+            query.append("all-projects=true")
+        return EventStream(await self.websocket("/1.0/events" + ("?" + "&".join(query) if query else "")))
+
+    # ---- exec ---------------------------------------------------------------------------------------------
+
+    async def exec_start(
+        self,
+        instance: str,
+        argv: Sequence[str],
+        *,
+        interactive: bool = False,
+        env: Mapping[str, str] | None = None,
+        cwd: str = "",
+        user: int = 0,
+        group: int = 0,
+        width: int = 0,
+        height: int = 0,
+        stdin: Stdin = None,
+        stdout_sink: Sink | None = None,
+        stderr_sink: Sink | None = None,
+    ) -> ExecSession:
+        """POST the exec, connect its websockets and start pumping. Returns the running session handle.
+
+        ``stdin``: bytes or an async iterator of chunks, followed by the EOF barrier; None is an immediate EOF
+        (interactive: no input and no barrier). Sinks get each output frame as it arrives; None discards
+        (bytes are still counted). Interactive output all goes to stdout_sink.
+        """
+        body = {
+            "command": list(argv),
+            "wait-for-websocket": True,
+            "interactive": interactive,
+            "environment": dict(env or {}),
+            "width": width,
+            "height": height,
+            "record-output": False,
+            "user": user,
+            "group": group,
+            "cwd": cwd,
+        }
+        resp = await self.post(f"/1.0/instances/{quote(instance, safe='')}/exec", body)
+        session = ExecSession(self, resp.operation_id, resp.metadata["metadata"]["fds"], interactive)
+        try:
+            await session._connect()
+        except BaseException:
+            await session.aclose()
+            raise
+        session._start(stdin, stdout_sink, stderr_sink)
+        return session
+
+    async def exec(self, instance: str, argv: Sequence[str], **kwargs: Any) -> ExecResult:
+        """``exec_start`` (same keyword arguments) and wait for the result."""
+        session = await self.exec_start(instance, argv, **kwargs)
+        return await session.wait()
+
+
+class EventStream:
+    """Events as dicts (one per text frame) until the server closes; ``async with`` closes it."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self._ws = ws
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        try:
+            return json.loads(await self._ws.recv())
+        except ConnectionClosed:
+            raise StopAsyncIteration from None
+
+    async def __aenter__(self) -> EventStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._ws.close()
+
+
+class ExecSession:
+    """A running exec: control messages out, the result in. Always ``await wait()`` or ``aclose()``."""
+
+    def __init__(self, client: Client, op_id: str, fds: Mapping[str, str], interactive: bool) -> None:
+        self.client = client
+        self.operation_id = op_id
+        self.interactive = interactive
+        self._fds = fds
+        self._ws: dict[str, ClientConnection] = {}
+        self._counts = {"1": 0, "2": 0}
+        self._stdin_task: asyncio.Task[None] | None = None
+        self._output_tasks: list[asyncio.Task[None]] = []
+        self._op_task: asyncio.Task[dict[str, Any]] | None = None
+
+    async def _connect(self) -> None:
+        # Control first (the server kills the command if control closes; connecting it first is what the Go CLI
+        # does), then the data sockets concurrently: the command starts once the last required one is in.
+        url = f"/1.0/operations/{self.operation_id}/websocket?secret="
+        if "control" in self._fds:
+            self._ws["control"] = await self.client.websocket(url + self._fds["control"])
+        names = [k for k in ("0", "1", "2") if k in self._fds]
+        conns = await asyncio.gather(*(self.client.websocket(url + self._fds[k]) for k in names),
+                                     return_exceptions=True)
+        for name, conn in zip(names, conns):
+            if isinstance(conn, ClientConnection):
+                self._ws[name] = conn
+        for conn in conns:
+            if isinstance(conn, BaseException):
+                raise conn
+
+    def _start(self, stdin: Stdin, stdout_sink: Sink | None, stderr_sink: Sink | None) -> None:
+        # Interactive without stdin: send nothing. A PTY has no EOF, and LXD 5.0 hangs the PTY up (SIGHUP,
+        # return 129) on the stdin barrier, where Incus only stops forwarding input.
+        if stdin is not None or not self.interactive:
+            self._stdin_task = asyncio.create_task(self._send_stdin(self._ws["0"], stdin))
+        if self.interactive:
+            outputs = [("0", "1", stdout_sink)]
+        else:
+            outputs = [("1", "1", stdout_sink), ("2", "2", stderr_sink)]
+        self._output_tasks = [asyncio.create_task(self._receive(self._ws[n], c, s)) for n, c, s in outputs]
+        # Wait server-side from the start: a finished operation is only kept for a few seconds.
+        self._op_task = asyncio.create_task(self.client.wait_operation(self.operation_id))
+
+    @staticmethod
+    async def _send_stdin(ws: ClientConnection, stdin: Stdin) -> None:
+        try:
+            if isinstance(stdin, (bytes, bytearray, memoryview)):
+                view = memoryview(stdin)
+                for i in range(0, len(view), STDIN_CHUNK):
+                    await ws.send(view[i:i + STDIN_CHUNK], text=False)
+            elif stdin is not None:
+                async for chunk in stdin:
+                    if chunk:
+                        await ws.send(chunk, text=False)
+            await ws.send("")  # EOF barrier
+        except ConnectionClosed:
+            pass
+
+    async def _receive(self, ws: ClientConnection, counter: str, sink: Sink | None) -> None:
+        try:
+            while True:
+                message = await ws.recv()
+                if isinstance(message, str):  # barrier
+                    return
+                self._counts[counter] += len(message)
+                if sink is not None:
+                    sink(message)
+        except ConnectionClosed:
+            return
+
+    @property
+    def has_control(self) -> bool:
+        """Whether resize/signal can reach the command (old servers have no control socket)."""
+        return "control" in self._ws
+
+    async def _send_control(self, message: Mapping[str, Any]) -> bool:
+        ws = self._ws.get("control")
+        if ws is None:
+            return False
+        try:
+            await ws.send(json.dumps(message))
+        except ConnectionClosed:
+            return False
+        return True
+
+    async def resize(self, width: int, height: int) -> bool:
+        """Send ``window-resize`` (interactive only). False if there is no open control socket."""
+        return await self._send_control(
+            {"command": "window-resize", "args": {"width": str(width), "height": str(height)}})
+
+    async def signal(self, signum: int) -> bool:
+        """Forward a signal to the command. False if there is no open control socket."""
+        return await self._send_control({"command": "signal", "signal": int(signum)})
+
+    async def wait(self) -> ExecResult:
+        """Wait for the outputs' barriers and the operation's end; closes every socket on the way out.
+
+        Cancelling it (e.g. ``asyncio.wait_for``) tears the session down, which kills the command.
+        """
+        op_task = self._op_task
+        assert op_task is not None
+        try:
+            outputs = asyncio.gather(*self._output_tasks)
+            done, _ = await asyncio.wait({op_task, outputs}, return_when=asyncio.FIRST_COMPLETED)
+            if outputs in done:
+                await outputs
+            else:  # the operation ended first: anything still to come is already in flight
+                try:
+                    await asyncio.wait_for(outputs, DRAIN_GRACE)
+                except asyncio.TimeoutError:
+                    pass
+            # Outputs are done: stop sending stdin (the command may never read it) and close socket 0. An
+            # interactive server waits for this close before it finishes the operation.
+            await self._close("0")
+            op = await op_task
+        finally:
+            await self.aclose()
+        metadata = op.get("metadata") or {}
+        ret = metadata.get("return")
+        return ExecResult(
+            return_code=int(ret) if ret is not None else None,
+            error=op.get("err") or "",
+            stdout_bytes=self._counts["1"],
+            stderr_bytes=self._counts["2"],
+        )
+
+    async def _close(self, name: str) -> None:
+        if name == "0" and self._stdin_task is not None:
+            self._stdin_task.cancel()
+        ws = self._ws.pop(name, None)
+        if ws is not None:
+            await ws.close()
+
+    async def aclose(self) -> None:
+        """Tear the session down. Closing control while the command runs makes the server kill it."""
+        for task in [self._stdin_task, self._op_task, *self._output_tasks]:
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(self._close(name) for name in list(self._ws)), return_exceptions=True)
