@@ -1,0 +1,132 @@
+"""Agent side of pid1's life: start it detached, recognise it again later, signal it, wait for its end.
+
+pid1 is never a child of the agent: the launcher (our child, in a new session) forks it and exits, so it is
+reparented to the host's init and outlives the agent and its Ray worker. A process is identified by its host
+pid *and* its start time (``/proc/PID/stat`` field 22), which survives agent restarts and rules out pid reuse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+PID1_SCRIPT = Path(__file__).with_name("pid1.py")
+# -I: ignore PYTHON* variables and user site; -S: stdlib only, faster start.
+PYTHON_ARGS = ("-I", "-S")
+
+
+class LaunchError(Exception):
+    """pid1 could not be started; the message says why."""
+
+
+@dataclass(frozen=True)
+class Pid1Identity:
+    pid: int
+    start_time: int
+
+
+def _python() -> str:
+    return sys.executable or "/usr/bin/python3"
+
+
+def launch(config_path: Path, timeout: float = 30.0) -> Pid1Identity:
+    """Start pid1 with the JSON config at ``config_path``. Blocking: run it in a worker thread.
+
+    subprocess forks in C (no Python runs in the child), so this is safe in the multi-threaded agent.
+    """
+    argv = [_python(), *PYTHON_ARGS, str(PID1_SCRIPT), "launch", str(config_path)]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            close_fds=True, start_new_session=True, cwd="/",
+                            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise LaunchError("Failed to start instance: timed out") from None
+    try:
+        report = json.loads(out.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise LaunchError(f"Failed to start instance: {err.decode(errors='replace').strip()}") from None
+    if "error" in report:
+        raise LaunchError(report["error"])
+    return Pid1Identity(int(report["pid"]), int(report["start_time"]))
+
+
+def probe_namespaces() -> bool:
+    """True if this machine lets us create the namespaces the ``namespaces`` driver needs."""
+    if os.geteuid() != 0:
+        return False
+    try:
+        done = subprocess.run([_python(), *PYTHON_ARGS, str(PID1_SCRIPT), "probe"], capture_output=True,
+                              timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time) of a host process, or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return fields[0].decode(), int(fields[19])
+
+
+def is_alive(ident: Pid1Identity) -> bool:
+    """The very process we launched is still running (not gone, not a zombie, pid not reused)."""
+    st = _stat(ident.pid)
+    return st is not None and st[1] == ident.start_time and st[0] not in ("Z", "X")
+
+
+def _pidfd(ident: Pid1Identity) -> int | None:
+    """A pidfd on ``ident``, or None if it is gone. Checked after opening, so a pid reuse cannot fool us."""
+    try:
+        fd = os.pidfd_open(ident.pid)
+    except ProcessLookupError:
+        return None
+    if not is_alive(ident):
+        os.close(fd)
+        return None
+    return fd
+
+
+def send_signal(ident: Pid1Identity, sig: int) -> bool:
+    """Signal pid1; False if it is already gone."""
+    fd = _pidfd(ident)
+    if fd is None:
+        return False
+    try:
+        signal.pidfd_send_signal(fd, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(fd)
+
+
+async def wait_exit(ident: Pid1Identity, timeout: float | None) -> bool:
+    """Wait until pid1 has exited; False on timeout. A pidfd turns readable at exit: no polling."""
+    fd = _pidfd(ident)
+    if fd is None:
+        return True
+    loop = asyncio.get_running_loop()
+    exited = loop.create_future()
+    loop.add_reader(fd, lambda: exited.done() or exited.set_result(True))
+    try:
+        await asyncio.wait_for(exited, timeout)
+        return True
+    except asyncio.TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
