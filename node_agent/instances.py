@@ -1,0 +1,408 @@
+"""Instances of one node: create, start, stop, freeze, delete, and spawn commands inside them.
+
+On disk, under ``<data_dir>/instances/<name>/``:
+
+* ``instance.json``: name, image, config, created_at, last_used_at (the instance's definition);
+* ``state.json``: pid1's host pid and start time while it runs, so a restarted agent re-adopts it;
+* ``rootfs/``, ``spawn.sock`` (pid1's spawn socket), ``pid1.json`` (its start config), ``pid1.log``;
+* ``exec-output/``: recorded output of exec (created by the exec layer).
+
+Drivers: ``namespaces`` (pid/mount/uts/ipc namespaces + chroot, the default as root) and ``process`` (no
+isolation at all, for development machines without root). Both run the same pid1 program.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import warnings
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from broker.errors import ApiError, BadRequest, Conflict, NotFound
+from node_agent import launcher, rootfs
+from node_agent.cgroups import Freezer
+from node_agent.launcher import Pid1Identity
+from node_agent.pid1 import SOCKET_NAME
+from node_agent.spawn import Process, SpawnRequest, spawn
+
+log = logging.getLogger(__name__)
+
+InstanceStatus = Literal["Running", "Stopped", "Frozen", "Error"]
+Driver = Literal["namespaces", "process"]
+NAME_RE = re.compile(r"[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+TIOCSPTLCK = 0x40045431
+TIOCGPTPEER = 0x5441
+FREEZE_TIMEOUT = 10.0
+KILL_TIMEOUT = 10.0
+
+
+@dataclass
+class Instance:
+    name: str
+    image: str  # "busybox" | "host"
+    config: dict[str, str]  # e.g. {"environment.FOO": "bar"}
+    created_at: datetime
+    status: InstanceStatus
+    pid: int | None  # host pid of pid1 while running
+    last_used_at: datetime | None
+
+
+@dataclass
+class _Record:
+    """What the manager keeps per instance: the persisted definition plus the running pid1, if any."""
+
+    name: str
+    image: str
+    config: dict[str, str]
+    created_at: datetime
+    last_used_at: datetime | None = None
+    pid1: Pid1Identity | None = None
+    broken: str | None = None  # why the definition could not be loaded (status Error)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+
+
+def validate_name(name: str) -> None:
+    """Incus rules: 1-63 letters, digits and hyphens; no leading digit or hyphen, no trailing hyphen."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise BadRequest(f"Invalid instance name {name!r}: 1 to 63 letters, digits or hyphens, starting with "
+                         "a letter and not ending with a hyphen")
+
+
+def _validate_config(config: dict[str, str]) -> dict[str, str]:
+    if not isinstance(config, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                               for k, v in config.items()):
+        raise BadRequest("Instance config must map strings to strings")
+    return dict(config)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _write_json(path: Path, data: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+class InstanceManager:
+    def __init__(self, data_dir: Path, driver: str = "auto", cgroup_parent: str = "execbroker") -> None:
+        self.data_dir = Path(data_dir)
+        self._root = self.data_dir / "instances"
+        self._cgroup_parent = cgroup_parent
+        self._records: dict[str, _Record] = {}
+        self._loaded = False
+        self.driver_name: Driver = self._choose_driver(driver)
+
+    @staticmethod
+    def _choose_driver(driver: str) -> Driver:
+        if driver == "auto":
+            driver = "namespaces" if launcher.probe_namespaces() else "process"
+        if driver == "process":
+            msg = "execbroker: using the 'process' instance driver: commands run on the host without isolation"
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            log.warning(msg)
+        elif driver != "namespaces":
+            raise ValueError(f"Unknown instance driver {driver!r}")
+        return driver  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------------------------- queries
+
+    def adopt(self) -> None:
+        """Load every instance from disk; pid1s still running (same pid and start time) are Running."""
+        self._root.mkdir(parents=True, exist_ok=True)
+        self._records = {}
+        for entry in sorted(self._root.iterdir()):
+            if entry.is_dir() and NAME_RE.fullmatch(entry.name):
+                self._records[entry.name] = self._load(entry.name)
+        self._loaded = True
+
+    def _load(self, name: str) -> _Record:
+        path = self._dir(name)
+        try:
+            d = json.loads((path / "instance.json").read_text())
+            rec = _Record(name, d["image"], dict(d["config"]), datetime.fromisoformat(d["created_at"]),
+                          datetime.fromisoformat(d["last_used_at"]) if d.get("last_used_at") else None)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return _Record(name, "", {}, _now(), broken=f"Cannot load instance: {exc}")
+        try:
+            s = json.loads((path / "state.json").read_text())
+            rec.pid1 = Pid1Identity(int(s["pid"]), int(s["start_time"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        self._refresh(rec)
+        return rec
+
+    def list(self) -> list[Instance]:
+        self._ensure_loaded()
+        return [self._snapshot(rec) for rec in self._records.values()]
+
+    def get(self, name: str) -> Instance:
+        return self._snapshot(self._record(name))
+
+    def exec_output_dir(self, name: str) -> Path:
+        return self._dir(name) / "exec-output"
+
+    def path_exists(self, name: str, path: str) -> bool:
+        """Whether ``path`` (absolute, as seen inside the instance) exists there."""
+        rec = self._record(name)
+        inside = "/" + path.lstrip("/")
+        if self.driver_name == "process":
+            return os.path.lexists(inside)
+        if self._refresh(rec) and rec.pid1 is not None:
+            return os.path.lexists(f"/proc/{rec.pid1.pid}/root{inside}")
+        return os.path.lexists(rootfs.path_in_rootfs(self._dir(name) / "rootfs", rec.image, inside))
+
+    def _ensure_loaded(self) -> None:
+        if not self._loaded:
+            self.adopt()
+
+    def _dir(self, name: str) -> Path:
+        return self._root / name
+
+    def _record(self, name: str) -> _Record:
+        self._ensure_loaded()
+        rec = self._records.get(name)
+        if rec is None:
+            raise NotFound("Instance not found")
+        return rec
+
+    def _freezer(self, name: str) -> Freezer | None:
+        return Freezer.for_instance(self._cgroup_parent, name)
+
+    def _refresh(self, rec: _Record) -> bool:
+        """True if pid1 runs; forgets a pid1 that is gone (and its leftovers)."""
+        if rec.pid1 is None:
+            return False
+        if launcher.is_alive(rec.pid1):
+            return True
+        rec.pid1 = None
+        for leftover in ("state.json", SOCKET_NAME):
+            try:
+                (self._dir(rec.name) / leftover).unlink()
+            except FileNotFoundError:
+                pass
+        return False
+
+    def _status(self, rec: _Record) -> InstanceStatus:
+        if rec.broken:
+            return "Error"
+        if not self._refresh(rec):
+            return "Stopped"
+        freezer = self._freezer(rec.name)
+        return "Frozen" if freezer is not None and freezer.is_frozen() else "Running"
+
+    def _snapshot(self, rec: _Record) -> Instance:
+        status = self._status(rec)
+        return Instance(rec.name, rec.image, dict(rec.config), rec.created_at, status,
+                        rec.pid1.pid if rec.pid1 else None, rec.last_used_at)
+
+    def _save(self, rec: _Record) -> None:
+        _write_json(self._dir(rec.name) / "instance.json", {
+            "name": rec.name, "image": rec.image, "config": rec.config,
+            "created_at": rec.created_at.isoformat(),
+            "last_used_at": rec.last_used_at.isoformat() if rec.last_used_at else None,
+        })
+
+    # ------------------------------------------------------------------------------------ changes
+
+    def create(self, name: str, image: str = "busybox", config: dict[str, str] | None = None) -> Instance:
+        validate_name(name)
+        if image not in rootfs.IMAGES:
+            raise BadRequest(f'Unknown image "{image}" (available: {", ".join(rootfs.IMAGES)})')
+        cfg = _validate_config(config or {})
+        self._ensure_loaded()
+        path = self._dir(name)
+        if name in self._records or path.exists():
+            raise Conflict(f'Instance "{name}" already exists')
+        staging = self._root / f".{name}.creating"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            rootfs.build_rootfs(image, staging / "rootfs", hostname=name)
+        except rootfs.RootfsError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ApiError(str(exc)) from None
+        rec = _Record(name, image, cfg, _now())
+        os.rename(staging, path)
+        self._save(rec)
+        self._records[name] = rec
+        return self._snapshot(rec)
+
+    def update_config(self, name: str, config: dict[str, str]) -> Instance:
+        """PATCH semantics: the given keys are set, the others kept."""
+        rec = self._record(name)
+        rec.config.update(_validate_config(config))
+        self._save(rec)
+        return self._snapshot(rec)
+
+    async def start(self, name: str) -> Instance:
+        rec = self._record(name)
+        async with rec.lock:
+            status = self._status(rec)
+            if status in ("Running", "Frozen"):
+                raise BadRequest("The instance is already running")
+            if status == "Error":
+                raise BadRequest(rec.broken or "The instance is broken")
+            path = self._dir(name)
+            freezer = self._freezer(name)
+            if freezer is not None:
+                freezer.create()
+                freezer.kill_all()  # leftovers of an earlier run (process driver) must not linger
+            config = {
+                "name": name,
+                "isolation": self.driver_name,
+                "instance_dir": str(path),
+                "rootfs": str(path / "rootfs"),
+                "binds": [asdict(b) for b in rootfs.image_binds(rec.image)],
+                "cgroup_procs": str(freezer.procs_file) if freezer is not None else None,
+                "log": str(path / "pid1.log"),
+            }
+            _write_json(path / "pid1.json", config)
+            try:
+                rec.pid1 = await asyncio.to_thread(launcher.launch, path / "pid1.json")
+            except launcher.LaunchError as exc:
+                raise ApiError(str(exc)) from None
+            _write_json(path / "state.json", asdict(rec.pid1) | {"driver": self.driver_name})
+            rec.last_used_at = _now()
+            self._save(rec)
+            return self._snapshot(rec)
+
+    async def stop(self, name: str, timeout: float = 10.0, force: bool = False) -> Instance:
+        """SIGTERM pid1 (it passes SIGTERM on and exits once the instance is empty); SIGKILL after
+        ``timeout`` seconds, or at once with ``force``. Every process of the instance is gone on return."""
+        rec = self._record(name)
+        async with rec.lock:
+            if not self._refresh(rec) or rec.pid1 is None:
+                raise BadRequest("The instance is already stopped")
+            ident = rec.pid1
+            freezer = self._freezer(name)
+            if freezer is not None and freezer.is_frozen():
+                await self._settle(freezer, frozen=False)  # frozen tasks cannot handle SIGTERM
+            exited = False
+            if not force and launcher.send_signal(ident, 15):
+                exited = await launcher.wait_exit(ident, timeout)
+            if not exited:
+                launcher.send_signal(ident, 9)  # the kernel then kills the whole pid namespace
+                if not await launcher.wait_exit(ident, KILL_TIMEOUT):
+                    raise ApiError("Failed to stop the instance: pid1 did not exit after SIGKILL")
+            if freezer is not None:
+                await self._kill_leftovers(freezer)
+            self._refresh(rec)
+            return self._snapshot(rec)
+
+    async def _kill_leftovers(self, freezer: Freezer) -> None:
+        """Processes that escaped pid1's end (only possible without a pid namespace)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + KILL_TIMEOUT
+        while freezer.pids() and loop.time() < deadline:
+            freezer.kill_all()
+            await asyncio.sleep(0.01)
+
+    async def freeze(self, name: str) -> Instance:
+        rec = self._record(name)
+        async with rec.lock:
+            status = self._status(rec)
+            if status == "Frozen":
+                raise BadRequest("The instance is already frozen")
+            if status != "Running":
+                raise BadRequest("The instance isn't running")
+            freezer = self._freezer(name)
+            if freezer is None:
+                raise BadRequest("Freezing is not supported on this machine (no cgroup freezer)")
+            await self._settle(freezer, frozen=True)
+            return self._snapshot(rec)
+
+    async def unfreeze(self, name: str) -> Instance:
+        rec = self._record(name)
+        async with rec.lock:
+            freezer = self._freezer(name)
+            if self._status(rec) != "Frozen" or freezer is None:
+                raise BadRequest("The instance is not frozen")
+            await self._settle(freezer, frozen=False)
+            return self._snapshot(rec)
+
+    async def _settle(self, freezer: Freezer, frozen: bool) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FREEZE_TIMEOUT
+        freezer.request(frozen)
+        delay = 0.001
+        while not freezer.settled(frozen):
+            if loop.time() > deadline:
+                if frozen:
+                    freezer.request(False)
+                raise ApiError(f"Failed to {'freeze' if frozen else 'unfreeze'} the instance: timed out")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    async def delete(self, name: str) -> None:
+        rec = self._record(name)
+        async with rec.lock:
+            if self._status(rec) in ("Running", "Frozen"):
+                raise BadRequest("Instance is running")
+            path = self._dir(name)
+            if self._mounts_below(path):  # never recurse into a host directory bind-mounted here
+                raise ApiError(f"Cannot delete instance {name}: filesystems are still mounted below {path}")
+            shutil.rmtree(path, ignore_errors=False)
+            freezer = self._freezer(name)
+            if freezer is not None:
+                freezer.remove()
+            del self._records[name]
+
+    @staticmethod
+    def _mounts_below(path: Path) -> bool:
+        prefix = str(path.resolve()) + "/"
+        try:
+            with open("/proc/self/mountinfo") as f:
+                return any(line.split()[4].startswith(prefix) for line in f)
+        except OSError:
+            return False
+
+    # -------------------------------------------------------------------------------------- exec
+
+    def open_pty(self, name: str) -> tuple[int, int]:
+        """(master, slave) from the instance's own devpts (so ``tty`` inside names /dev/pts/N), else from the
+        host's. Both non-inheritable; the master is non-blocking. The caller owns and closes both."""
+        rec = self._record(name)
+        if self.driver_name == "namespaces" and rec.pid1 is not None and self._refresh(rec):
+            try:
+                return _open_instance_pty(f"/proc/{rec.pid1.pid}/root/dev/pts/ptmx")
+            except OSError as exc:
+                log.debug("instance %s: falling back to a host PTY: %s", name, exc)
+        master, slave = os.openpty()
+        os.set_blocking(master, False)
+        return master, slave
+
+    async def spawn(self, name: str, req: SpawnRequest, fds: tuple[int, int, int]) -> Process:
+        """Start ``req`` inside the instance with ``fds`` as stdin/stdout/stderr (see node_agent.spawn for
+        who closes what). Raises SpawnError, or BadRequest if the instance is not running or frozen."""
+        rec = self._record(name)
+        if rec.pid1 is None:
+            raise BadRequest("Instance is not running")
+        freezer = self._freezer(name)
+        if freezer is not None and freezer.is_frozen():
+            raise BadRequest("Instance is frozen")  # pid1 could not answer
+        process = await spawn(self._dir(name) / SOCKET_NAME, req, fds)
+        rec.last_used_at = _now()
+        return process
+
+
+def _open_instance_pty(ptmx: str) -> tuple[int, int]:
+    master = os.open(ptmx, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
+        slave = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        os.close(master)
+        raise
+    return master, slave
+

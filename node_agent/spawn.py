@@ -1,0 +1,229 @@
+"""Agent side of the spawn protocol (see ``node_agent/pid1.py``): start a command inside an instance.
+
+Fully non-blocking and thread-free: each ``Process`` is one SOCK_SEQPACKET connection to the instance's pid1
+with one event-loop reader on it, so an agent can hold thousands of them.
+
+File descriptors: ``spawn()`` sends *copies* of the caller's three fds to pid1 (SCM_RIGHTS) and never closes
+the caller's fds; the caller closes its copies once ``spawn()`` returned or raised (for pipes: the ends the
+command uses, so that EOF works). pid1 closes its copies right after forking.
+
+Lifetime: the connection *is* the command's leash. ``Process.close()`` while the command runs makes pid1
+SIGKILL the command's process group; after ``wait()`` returned, ``close()`` only releases the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from broker.errors import BadRequest, SpawnError
+
+# Exit code reported when pid1 vanished under a running command (instance stopped or killed): as SIGKILL.
+EXIT_PID1_GONE = 137
+SUN_PATH_MAX = 107
+REQUEST_BUFFER = 4 << 20  # pid1 reads requests up to this size
+
+
+class Pid1Unavailable(BadRequest):
+    def __init__(self) -> None:
+        super().__init__("Instance is not running")
+
+
+@dataclass
+class SpawnRequest:
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str = ""  # empty: $HOME from env if that directory exists, else /
+    uid: int = 0
+    gid: int = 0
+    pty: bool = False  # the three fds are the PTY slave; it becomes the controlling terminal
+
+    def encode(self) -> bytes:
+        return json.dumps({"argv": self.argv, "env": self.env, "cwd": self.cwd, "uid": self.uid,
+                           "gid": self.gid, "pty": self.pty}).encode()
+
+
+def exit_code(wait_status: int) -> int:
+    """Exit N -> N; killed by signal S -> 128+S (the shell's and Incus' convention)."""
+    code = os.waitstatus_to_exitcode(wait_status)
+    return 128 - code if code < 0 else code
+
+
+class Process:
+    """A command running inside an instance, as pid1 reported it. Create with ``spawn()``."""
+
+    def __init__(self, pid: int, host_pid: int | None, sock: socket.socket) -> None:
+        self.pid = pid  # in the instance's pid namespace
+        self.host_pid = host_pid  # None when pid1 could not tell
+        self._sock = sock
+        self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._outbox: list[bytes] = []
+        self._exited.get_loop().add_reader(sock.fileno(), self._on_readable)
+
+    def __repr__(self) -> str:
+        return f"Process(pid={self.pid}, host_pid={self.host_pid}, returncode={self.returncode})"
+
+    async def wait(self) -> int:
+        """Exit code: N for exit N, 128+S when killed by signal S, 137 if pid1 vanished."""
+        return await asyncio.shield(self._exited)
+
+    @property
+    def returncode(self) -> int | None:
+        return self._exited.result() if self._exited.done() else None
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the main process only. Ignored once it exited."""
+        self._control({"signal": int(sig)})
+
+    def kill_group(self) -> None:
+        """SIGKILL the command's whole process group (background children too). Ignored once it exited."""
+        self._control({"kill": True})
+
+    def close(self) -> None:
+        """Release the connection; if the command still runs, pid1 SIGKILLs its process group."""
+        if self._sock.fileno() < 0:
+            return
+        loop = self._exited.get_loop()
+        loop.remove_reader(self._sock.fileno())
+        if self._outbox:
+            loop.remove_writer(self._sock.fileno())
+        self._sock.close()
+        if not self._exited.done():
+            self._exited.set_result(EXIT_PID1_GONE)
+
+    def _control(self, msg: dict[str, Any]) -> None:
+        if self._exited.done() or self._sock.fileno() < 0:
+            return
+        self._outbox.append(json.dumps(msg).encode())
+        if len(self._outbox) == 1:
+            self._flush()
+
+    def _flush(self) -> None:
+        loop = self._exited.get_loop()
+        while self._outbox:
+            try:
+                self._sock.send(self._outbox[0])
+            except BlockingIOError:
+                loop.add_writer(self._sock.fileno(), self._on_writable)
+                return
+            except OSError:  # pid1 closed the connection: the command is gone
+                self._outbox.clear()
+                return
+            self._outbox.pop(0)
+
+    def _on_writable(self) -> None:
+        self._exited.get_loop().remove_writer(self._sock.fileno())
+        self._flush()
+
+    def _on_readable(self) -> None:
+        try:
+            data = self._sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            try:
+                code = exit_code(int(json.loads(data)["exit"]))
+            except (ValueError, KeyError, TypeError):
+                return  # not an exit report: nothing else is defined after the start reply
+        else:
+            code = EXIT_PID1_GONE
+        if not self._exited.done():
+            self._exited.set_result(code)
+        self.close()
+
+
+async def spawn(socket_path: Path, req: SpawnRequest, fds: tuple[int, int, int]) -> Process:
+    """Ask the pid1 listening at ``socket_path`` to run ``req`` with ``fds`` as its stdin/stdout/stderr.
+
+    Raises ``SpawnError`` when the command could not be started (bad cwd, uid, ...) and
+    ``BadRequest("Instance is not running")`` when no pid1 answers.
+    """
+    if not req.argv:
+        raise SpawnError("Missing command")
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+    try:
+        await _connect(loop, sock, socket_path)
+        payload = req.encode()
+        if len(payload) > REQUEST_BUFFER:
+            raise SpawnError("Command and environment are too large")
+        if len(payload) > 200_000:  # default socket buffers hold ~200 KiB per message
+            _grow_send_buffer(sock, len(payload) + 4096)
+        await _send(loop, sock, payload, fds)
+        reply = await _recv(loop, sock)
+        if not reply:
+            raise Pid1Unavailable()
+        msg = json.loads(reply)
+        if "error" in msg:
+            raise SpawnError(str(msg["error"]))
+    except BaseException:
+        sock.close()
+        raise
+    return Process(int(msg["pid"]), msg.get("host_pid"), sock)
+
+
+async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, path: Path) -> None:
+    dir_fd = -1
+    address = str(path)
+    if len(os.fsencode(address)) > SUN_PATH_MAX:  # too long for sun_path: go through a directory fd
+        try:
+            dir_fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            raise Pid1Unavailable() from None
+        address = f"/proc/self/fd/{dir_fd}/{path.name}"
+    try:
+        await loop.sock_connect(sock, address)
+    except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+        raise Pid1Unavailable() from None
+    finally:
+        if dir_fd >= 0:
+            os.close(dir_fd)
+
+
+def _grow_send_buffer(sock: socket.socket, size: int) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, 32, size)  # SO_SNDBUFFORCE (root), beyond wmem_max
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
+async def _send(loop: asyncio.AbstractEventLoop, sock: socket.socket, payload: bytes,
+                fds: tuple[int, int, int]) -> None:
+    while True:
+        try:
+            socket.send_fds(sock, [payload], list(fds))
+            return
+        except BlockingIOError:
+            await _ready(loop, sock, write=True)
+        except (BrokenPipeError, ConnectionResetError):
+            raise Pid1Unavailable() from None
+        except OSError as exc:
+            raise SpawnError(f"Failed to send the command to the instance: {exc.strerror}") from None
+
+
+async def _recv(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+    while True:
+        try:
+            return sock.recv(4096)
+        except BlockingIOError:
+            await _ready(loop, sock, write=False)
+        except ConnectionResetError:
+            return b""
+
+
+async def _ready(loop: asyncio.AbstractEventLoop, sock: socket.socket, write: bool) -> None:
+    fut: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+    add, remove = (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
+    add(fd, lambda: fut.done() or fut.set_result(None))
+    try:
+        await fut
+    finally:
+        remove(fd)
