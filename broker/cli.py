@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -194,6 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_run(args))
     except (ClientError, UsageError) as e:
         print(f"Error: {e}", file=sys.stderr)
+    except BrokenPipeError:  # our reader went away: die of SIGPIPE like a Unix filter (and lxc) does
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGPIPE)
     except (httpx.TransportError, OSError) as e:
         print(f"Error: cannot reach {args.socket or default_socket_path()}: {e}", file=sys.stderr)
     return 1

@@ -405,4 +405,9 @@ class ExecSession:
         for task in [self._stdin_task, self._op_task, *self._output_tasks]:
             if task is not None:
                 task.cancel()
-        await asyncio.gather(*(self._close(name) for name in list(self._ws)), return_exceptions=True)
+        await self._close("control")
+        # Data sockets are dropped without a closing handshake: a peer still streaming output would queue
+        # its close frame behind data nobody reads any more, and close() would sit out its timeout.
+        for ws in self._ws.values():
+            ws.transport.abort()
+        self._ws.clear()

@@ -77,18 +77,13 @@ async def read_chunks(fd: int) -> AsyncIterator[bytes]:
 def fd_writer(fd: int) -> Callable[[bytes], None]:
     """A sink writing every byte to ``fd`` (blocking: a slow reader slows the session down, as it should).
 
-    Once the reader is gone (EPIPE), further output is discarded so the command can still finish.
+    BrokenPipeError propagates: like any Unix filter (and lxc), the session ends once its reader is gone.
     """
-    broken = False
 
     def write(data: bytes) -> None:
-        nonlocal broken
         view = memoryview(data)
-        while view and not broken:
-            try:
-                view = view[os.write(fd, view):]
-            except BrokenPipeError:
-                broken = True
+        while view:
+            view = view[os.write(fd, view):]
 
     return write
 

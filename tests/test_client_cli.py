@@ -263,6 +263,18 @@ def test_cli_signal_forwarding(target: Target) -> None:
             p.kill()
 
 
+def test_cli_dies_of_sigpipe_when_its_reader_goes(target: Target) -> None:
+    with subprocess.Popen(cli(target, "exec", target.instance, "--", "yes"), stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE) as p:
+        try:
+            assert p.stdout is not None
+            assert p.stdout.read(2) == b"y\n"
+            p.stdout.close()  # `| head -1`
+            assert p.wait(timeout=DEADLINE) == -signal.SIGPIPE
+        finally:
+            p.kill()
+
+
 def test_cli_list(target: Target) -> None:
     p = run_cli(target, "list")
     assert p.returncode == 0
