@@ -91,11 +91,6 @@ async def cmd_exec(c: Client, args: argparse.Namespace) -> int:
         args.force_interactive or (stdin_tty and stdout_tty))
     width, height = terminal.terminal_size(1) if stdout_tty else (0, 0)
     stdin = None if args.disable_stdin else terminal.read_chunks(0)
-    session = await c.exec_start(
-        args.name, args.command, interactive=interactive, env=_env(args.env), cwd=args.cwd or "",
-        user=args.user, group=args.group, width=width, height=height, stdin=stdin,
-        stdout_sink=terminal.fd_writer(1), stderr_sink=terminal.fd_writer(2),
-    )
     pending: set[asyncio.Task[Any]] = set()  # keep control sends referenced until done
 
     def control(coro: Any) -> None:
@@ -103,15 +98,19 @@ async def cmd_exec(c: Client, args: argparse.Namespace) -> int:
         pending.add(task)
         task.add_done_callback(pending.discard)
 
-    def on_resize() -> None:
-        control(session.resize(*terminal.terminal_size(1)))
-
     with contextlib.ExitStack() as stack:
+        if interactive and stdin_tty:  # raw before the command starts: no keystroke is cooked or lost
+            stack.enter_context(terminal.raw_mode(0))
+        session = await c.exec_start(
+            args.name, args.command, interactive=interactive, env=_env(args.env), cwd=args.cwd or "",
+            user=args.user, group=args.group, width=width, height=height, stdin=stdin,
+            stdout_sink=terminal.fd_writer(1), stderr_sink=terminal.fd_writer(2),
+        )
         if session.has_control:  # without one, signals keep their default effect on this process
             stack.enter_context(terminal.forward_signals(
-                lambda sig: control(session.signal(sig)), on_resize if interactive and stdout_tty else None))
-        if interactive and stdin_tty:
-            stack.enter_context(terminal.raw_mode(0))
+                lambda sig: control(session.signal(sig)),
+                (lambda: control(session.resize(*terminal.terminal_size(1)))) if interactive and stdout_tty
+                else None))
         result = await session.wait()
     if result.error:
         print(f"Error: {result.error}", file=sys.stderr)

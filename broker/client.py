@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -27,7 +27,7 @@ STDIN_CHUNK = 1 << 20  # bytes stdin is sent in frames of this size
 DRAIN_GRACE = 5.0
 
 Sink = Callable[[bytes], object]
-Stdin = AsyncIterator[bytes] | bytes | None
+Stdin = AsyncIterable[bytes] | bytes | None
 
 
 def default_socket_path() -> str:
@@ -210,7 +210,7 @@ class Client:
     ) -> ExecSession:
         """POST the exec, connect its websockets and start pumping. Returns the running session handle.
 
-        ``stdin``: bytes or an async iterator of chunks, followed by the EOF barrier; None is an immediate EOF
+        ``stdin``: bytes or an async iterable of chunks, followed by the EOF barrier; None is an immediate EOF
         (interactive: no input and no barrier). Sinks get each output frame as it arrives; None discards
         (bytes are still counted). Interactive output all goes to stdout_sink.
         """
@@ -378,9 +378,11 @@ class ExecSession:
                     await asyncio.wait_for(outputs, DRAIN_GRACE)
                 except asyncio.TimeoutError:
                     pass
-            # Outputs are done: stop sending stdin (the command may never read it) and close socket 0. An
-            # interactive server waits for this close before it finishes the operation.
-            await self._close("0")
+            # Outputs are done: stop sending stdin (the command may never read it) and drop socket 0. An
+            # interactive server waits for a proper close of it before it finishes the operation.
+            if self._stdin_task is not None:
+                self._stdin_task.cancel()
+            await self._close("0", handshake=self.interactive)
             op = await op_task
         finally:
             await self.aclose()
@@ -393,12 +395,14 @@ class ExecSession:
             stderr_bytes=self._counts["2"],
         )
 
-    async def _close(self, name: str) -> None:
-        if name == "0" and self._stdin_task is not None:
-            self._stdin_task.cancel()
+    async def _close(self, name: str, handshake: bool = True) -> None:
         ws = self._ws.pop(name, None)
-        if ws is not None:
+        if ws is None:
+            return
+        if handshake:
             await ws.close()
+        else:  # a peer that is not reading (or still streaming) would make close() sit out its timeout
+            ws.transport.abort()
 
     async def aclose(self) -> None:
         """Tear the session down. Closing control while the command runs makes the server kill it."""
@@ -406,8 +410,5 @@ class ExecSession:
             if task is not None:
                 task.cancel()
         await self._close("control")
-        # Data sockets are dropped without a closing handshake: a peer still streaming output would queue
-        # its close frame behind data nobody reads any more, and close() would sit out its timeout.
-        for ws in self._ws.values():
-            ws.transport.abort()
-        self._ws.clear()
+        for name in list(self._ws):
+            await self._close(name, handshake=False)

@@ -417,13 +417,16 @@ def test_cli_tty_raw_mode_and_ctrl_c_is_a_byte(target: Target, spawn: Any) -> No
     assert p.wait() == 42
 
 
-def test_cli_tty_restores_terminal(target: Target, spawn: Any) -> None:
-    inner = " ".join(f"'{a}'" for a in cli(target, "exec", target.instance, "--", "sh", "-c", "exit 5"))
+@pytest.mark.parametrize("instance,argv,code", [(None, ["sh", "-c", "exit 5"], 5),
+                                               ("no-such-instance-x", ["true"], 1)])
+def test_cli_tty_restores_terminal(target: Target, spawn: Any, instance: str | None, argv: list[str],
+                                   code: int) -> None:
+    inner = " ".join(f"'{a}'" for a in cli(target, "exec", instance or target.instance, "--", *argv))
     p = spawn(["/bin/sh", "-c", f"stty -g; {inner}; echo rc=$?; stty -g"])
     assert p.wait() == 0
     lines = bytes(p.output).replace(b"\r", b"").split(b"\n")
     settings = [line for line in lines if line.count(b":") > 10]
-    assert b"rc=5" in p.output and len(settings) == 2 and settings[0] == settings[1]
+    assert f"rc={code}".encode() in p.output and len(settings) == 2 and settings[0] == settings[1]
 
 
 def test_cli_tty_signal_forwarding(target: Target, spawn: Any) -> None:
