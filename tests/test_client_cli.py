@@ -1,7 +1,8 @@
 """broker.client and the ``execbroker`` CLI against a live Incus-API server.
 
 The server is taken from, in order: ``$EXECBROKER_TEST_SOCKET`` (+ ``$EXECBROKER_TEST_INSTANCE``, default ``c1``);
-an ``exec_target`` fixture returning ``(socket_path, instance)`` (e.g. a conftest that starts execbroker);
+an ``exec_target`` fixture returning ``(socket_path, instance)`` (any scope; e.g. in conftest.py
+``def exec_target(broker, c1): return str(broker.socket), c1``);
 otherwise the tests skip. The instance must be running and have a busybox userland. Against real LXD:
 ``EXECBROKER_TEST_SOCKET=/var/lib/lxd/unix.socket .venv/bin/pytest tests/test_client_cli.py``.
 """
@@ -41,7 +42,7 @@ class Target:
     instance: str
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def target(request: pytest.FixtureRequest) -> Target:
     path = os.environ.get("EXECBROKER_TEST_SOCKET")
     if path:
