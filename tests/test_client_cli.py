@@ -181,7 +181,7 @@ def test_events_see_exec_operation(target: Target) -> None:
 # ---- CLI ---------------------------------------------------------------------------------------------------
 
 TRAP_TERM = 'trap "exit 42" TERM; echo ready; while :; do sleep 0.1; done'
-TRAP_WINCH = 'stty size; trap "stty size; exit 0" WINCH; while :; do sleep 0.1; done'
+TRAP_WINCH = 'trap "stty size; exit 0" WINCH; stty size; while :; do sleep 0.1; done'  # trap set before the size shows
 
 
 def cli(t: Target, *args: str) -> list[str]:
@@ -355,15 +355,20 @@ class PtyProcess:
             os.close(slave)
 
     def wait(self) -> int:
+        """Exit status, once the child has exited and all its output is read (EOF on the master)."""
         deadline = time.monotonic() + DEADLINE
-        while self.status is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.status = os.waitstatus_to_exitcode(status)
-                break
+        eof = False
+        while self.status is None or not eof:
             remaining = deadline - time.monotonic()
-            assert remaining > 0, f"still running; output {bytes(self.output)!r}"
-            self._pump(min(remaining, 0.05))
+            assert remaining > 0, f"no exit/EOF; output {bytes(self.output)!r}"
+            if eof:
+                time.sleep(0.01)
+            else:
+                eof = not self._pump(min(remaining, 0.05))
+            if self.status is None:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    self.status = os.waitstatus_to_exitcode(status)
         return self.status
 
     def close(self) -> None:
