@@ -211,6 +211,7 @@ class Pid1:
         self.stopping = False
         self.max_fd = os.sysconf("SC_OPEN_MAX")
         self.buffer = bytearray(MAX_REQUEST)
+        self.spawner = _PosixSpawn()
 
     # ---- setup
 
@@ -480,19 +481,15 @@ class Pid1:
         path = _which(req.argv[0], req.env)
         if path is None:
             return None
+        tty = None
         if req.pty:
             try:  # opened again by name after setsid(), the PTY becomes the controlling terminal
                 tty = os.ttyname(fds[0])
             except OSError:
                 return None
-            actions = [(os.POSIX_SPAWN_OPEN, 0, tty, os.O_RDWR, 0), (os.POSIX_SPAWN_DUP2, 0, 1),
-                       (os.POSIX_SPAWN_DUP2, 0, 2)]
-        else:
-            actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)]
         os.chdir(req.cwd)  # all our fds are close-on-exec: the child gets exactly 0, 1 and 2
         try:
-            return os.posix_spawn(path, req.argv, req.env, file_actions=actions, setsid=True, setsigmask=(),
-                                  setsigdef=IGNORED_BY_PYTHON)
+            return self.spawner.spawn(path, req.argv, req.env, fds, tty)
         except OSError:
             return None
         finally:
@@ -611,7 +608,12 @@ class Pid1:
                 step = f"set user ID {req.uid}"
                 os.setuid(req.uid)
             step = f"change directory to {req.cwd}"
-            os.chdir(req.cwd)
+            try:
+                os.chdir(req.cwd)
+            except OSError:
+                if req.cwd_given:
+                    raise
+                os.chdir("/")  # $HOME was only a default: a user who may not enter it starts in /
             if not self.isolated:
                 step = "set the parent death signal"
                 prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # no pid namespace to take it down with us
@@ -640,9 +642,55 @@ class _Request:
             raise ValueError("missing command")
         self.env = {str(k): str(v) for k, v in req["env"].items()}
         self.cwd = str(req.get("cwd") or "")
+        self.cwd_given = bool(self.cwd)
         self.uid = int(req.get("uid", 0))
         self.gid = int(req.get("gid", 0))
         self.pty = bool(req.get("pty"))
+
+
+class _PosixSpawn:
+    """glibc's posix_spawn through ctypes, not os.posix_spawn: glibc leaves its internal signals (32, 33)
+    ignored in the child unless they are in the "sigdefault" set, and only a raw sigset can name them."""
+
+    SETSIGDEF, SETSIGMASK, SETSID = 0x04, 0x08, 0x80
+    SIGSET_BYTES = 128  # glibc's sigset_t
+
+    def __init__(self) -> None:
+        self.attr = ctypes.create_string_buffer(1024)  # posix_spawnattr_t is 336 bytes on x86-64
+        _spawn_call("posix_spawnattr_init", self.attr)
+        _spawn_call("posix_spawnattr_setflags", self.attr,
+                    ctypes.c_short(self.SETSIGDEF | self.SETSIGMASK | self.SETSID))
+        _spawn_call("posix_spawnattr_setsigmask", self.attr, ctypes.create_string_buffer(self.SIGSET_BYTES))
+        every_signal = ctypes.create_string_buffer(b"\xff" * self.SIGSET_BYTES, self.SIGSET_BYTES)
+        _spawn_call("posix_spawnattr_setsigdefault", self.attr, every_signal)
+
+    def spawn(self, path: str, argv: list[str], env: dict[str, str], fds: list[int], tty: str | None) -> int:
+        actions = ctypes.create_string_buffer(1024)  # posix_spawn_file_actions_t is 80 bytes on x86-64
+        _spawn_call("posix_spawn_file_actions_init", actions)
+        try:
+            if tty is not None:
+                _spawn_call("posix_spawn_file_actions_addopen", actions, 0, os.fsencode(tty), os.O_RDWR, 0)
+                _spawn_call("posix_spawn_file_actions_adddup2", actions, 0, 1)
+                _spawn_call("posix_spawn_file_actions_adddup2", actions, 0, 2)
+            else:
+                for target, fd in enumerate(fds):
+                    _spawn_call("posix_spawn_file_actions_adddup2", actions, fd, target)
+            pid = ctypes.c_int()
+            _spawn_call("posix_spawn", ctypes.byref(pid), os.fsencode(path), actions, self.attr,
+                        _c_strings(argv), _c_strings([f"{k}={v}" for k, v in env.items()]))
+            return pid.value
+        finally:
+            _libc.posix_spawn_file_actions_destroy(actions)
+
+
+def _spawn_call(name: str, *args: Any) -> None:
+    err = getattr(_libc, name)(*args)  # the posix_spawn family returns an errno value, not -1
+    if err:
+        raise OSError(err, os.strerror(err))
+
+
+def _c_strings(strings: list[str]) -> Any:
+    return (ctypes.c_char_p * (len(strings) + 1))(*[os.fsencode(s) for s in strings], None)
 
 
 def _which(name: str, env: dict[str, str]) -> str | None:
