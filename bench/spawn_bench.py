@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from node_agent.cgroups import Freezer  # noqa: E402
 from node_agent.instances import InstanceManager  # noqa: E402
 from node_agent.spawn import SpawnRequest  # noqa: E402
 
@@ -76,6 +77,12 @@ async def main() -> None:
         await manager.stop(name, force=True)
         await manager.delete(name)
         shutil.rmtree(data_dir, ignore_errors=True)
+        freezer = Freezer.for_instance("execbroker-bench", name)
+        if freezer is not None:
+            try:
+                os.rmdir(freezer.path.parent)
+            except OSError:
+                pass
 
 
 if __name__ == "__main__":

@@ -273,6 +273,12 @@ class InstanceManager:
             except launcher.LaunchError as exc:
                 raise ApiError(str(exc)) from None
             _write_json(path / "state.json", asdict(rec.pid1) | {"driver": self.driver_name})
+            adopter = launcher.parent_pid(rec.pid1.pid)
+            if adopter not in (None, 1):
+                # A child subreaper (e.g. Ray's RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper)
+                # adopted pid1 instead of init: the instance will die when that process exits.
+                log.warning("instance %s: pid1 %d was adopted by subreaper %d; the instance will not outlive it",
+                            name, rec.pid1.pid, adopter)
             rec.last_used_at = _now()
             self._save(rec)
             return self._snapshot(rec)

@@ -71,21 +71,26 @@ def probe_namespaces() -> bool:
     return done.returncode == 0
 
 
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, start time) of a host process, or None if there is no such process."""
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state letter, parent pid, start time) of a host process, or None if there is no such process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
     fields = stat[stat.rindex(b")") + 2:].split()
-    return fields[0].decode(), int(fields[19])
+    return fields[0].decode(), int(fields[1]), int(fields[19])
+
+
+def parent_pid(pid: int) -> int | None:
+    st = _stat(pid)
+    return None if st is None else st[1]
 
 
 def is_alive(ident: Pid1Identity) -> bool:
     """The very process we launched is still running (not gone, not a zombie, pid not reused)."""
     st = _stat(ident.pid)
-    return st is not None and st[1] == ident.start_time and st[0] not in ("Z", "X")
+    return st is not None and st[2] == ident.start_time and st[0] not in ("Z", "X")
 
 
 def _pidfd(ident: Pid1Identity) -> int | None:

@@ -185,7 +185,7 @@ async def test_host_pid(manager: InstanceManager, c1: str) -> None:
 
 async def test_orphans_are_reaped(manager: InstanceManager, c1: str) -> None:
     pid1 = manager.get(c1).pid
-    assert await run(manager, c1, ["sh", "-c", "sleep 0.2 & echo started"]) == (0, "started\n", "")
+    assert await run(manager, c1, ["sh", "-c", "sleep 1 >/dev/null 2>&1 & echo started"]) == (0, "started\n", "")
 
     def children_of_pid1() -> list[int]:
         return [int(t) for t in open(f"/proc/{pid1}/task/{pid1}/children").read().split()]

@@ -1,0 +1,372 @@
+"""Instance lifecycle: create/start/stop/freeze/delete, what an instance looks like from inside, re-adoption,
+the host image, the process driver, and survival of a Ray cluster shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from broker.errors import BadRequest, Conflict, NotFound
+from node_agent.cgroups import Freezer
+from node_agent.instances import InstanceManager
+from tests.instance_fixtures import (CGROUP_PARENT, ENV, async_wait_for, c1, cleanup_manager, data_dir,  # noqa: F401
+                                     leak_check, manager, needs_root, new_data_dir, pid_alive,
+                                     processes_mentioning, run, spawn_piped, unique_name, wait_for)
+
+pytestmark = [needs_root, pytest.mark.timeout(180)]
+
+
+# ------------------------------------------------------------------------------------------- create
+
+
+@pytest.mark.parametrize("name", ["", "1abc", "-abc", "abc-", "a_b", "a.b", "a/b", "é", "a" * 64])
+def test_invalid_names(manager: InstanceManager, name: str) -> None:
+    with pytest.raises(BadRequest, match="Invalid instance name"):
+        manager.create(name)
+
+
+@pytest.mark.parametrize("name", ["a", "c1", "my-instance-2", "A" * 63])
+def test_valid_names(manager: InstanceManager, name: str) -> None:
+    assert manager.create(name).name == name
+
+
+def test_create(manager: InstanceManager, data_dir: Path) -> None:
+    inst = manager.create("c1", config={"environment.FOO": "bar"})
+    assert (inst.name, inst.image, inst.status, inst.pid, inst.last_used_at) == ("c1", "busybox", "Stopped", None, None)
+    assert inst.config == {"environment.FOO": "bar"}
+    assert inst.created_at.tzinfo is not None
+    assert manager.exec_output_dir("c1") == data_dir / "instances" / "c1" / "exec-output"
+    rootfs = data_dir / "instances" / "c1" / "rootfs"
+    assert (rootfs / "etc" / "passwd").read_text() == "root:x:0:0:root:/root:/bin/sh\n"
+    assert os.readlink(rootfs / "bin" / "sh") == "busybox"
+    assert (rootfs / "usr" / "bin" / "env").resolve() == rootfs / "bin" / "busybox"
+    with pytest.raises(Conflict, match='^Instance "c1" already exists$'):
+        manager.create("c1")
+    with pytest.raises(BadRequest, match="Unknown image"):
+        manager.create("c2", image="ubuntu")
+    with pytest.raises(BadRequest):
+        manager.create("c3", config={"limits.cpu": 2})  # type: ignore[dict-item]
+    assert [i.name for i in manager.list()] == ["c1"]
+
+
+def test_update_config_merges(manager: InstanceManager, data_dir: Path) -> None:
+    manager.create("c1", config={"a": "1", "b": "2"})
+    assert manager.update_config("c1", {"b": "3", "c": "4"}).config == {"a": "1", "b": "3", "c": "4"}
+    fresh = InstanceManager(data_dir, driver="namespaces", cgroup_parent=CGROUP_PARENT)
+    assert fresh.get("c1").config == {"a": "1", "b": "3", "c": "4"}
+
+
+def test_not_found(manager: InstanceManager) -> None:
+    with pytest.raises(NotFound, match="^Instance not found$"):
+        manager.get("nope")
+
+
+# ---------------------------------------------------------------------------------------- lifecycle
+
+
+async def test_lifecycle(manager: InstanceManager, data_dir: Path) -> None:
+    manager.create("c1")
+    inst = await manager.start("c1")
+    assert inst.status == "Running" and inst.pid is not None and inst.last_used_at is not None
+    assert pid_alive(inst.pid)
+    assert [(i.name, i.status) for i in manager.list()] == [("c1", "Running")]
+    state = json.loads((data_dir / "instances" / "c1" / "state.json").read_text())
+    assert state["pid"] == inst.pid
+    with pytest.raises(BadRequest, match="^The instance is already running$"):
+        await manager.start("c1")
+    with pytest.raises(BadRequest, match="^Instance is running$"):
+        await manager.delete("c1")
+    assert (await run(manager, "c1", ["echo", "hi"])) == (0, "hi\n", "")
+
+    t0 = time.monotonic()
+    stopped = await manager.stop("c1")
+    assert time.monotonic() - t0 < 5  # nothing ignores SIGTERM: no grace period used up
+    assert (stopped.status, stopped.pid) == ("Stopped", None)
+    assert not pid_alive(inst.pid)
+    assert not (data_dir / "instances" / "c1" / "state.json").exists()
+    with pytest.raises(BadRequest, match="^The instance is already stopped$"):
+        await manager.stop("c1")
+
+    again = await manager.start("c1")  # restartable
+    assert again.status == "Running" and again.pid != inst.pid
+    await manager.stop("c1", force=True)
+    await manager.delete("c1")
+    assert manager.list() == []
+    assert not (data_dir / "instances" / "c1").exists()
+    freezer = Freezer.for_instance(CGROUP_PARENT, "c1")
+    assert freezer is None or not freezer.path.exists()
+
+
+async def test_pid1_is_detached_from_the_agent(manager: InstanceManager, c1: str) -> None:
+    """Double fork + setsid: pid1's parent is init, its session and process group are its own."""
+    pid = manager.get(c1).pid
+    assert pid is not None
+    with open(f"/proc/{pid}/stat") as f:
+        ppid, pgrp, session = (int(x) for x in f.read().rsplit(")", 1)[1].split()[1:4])
+    assert ppid == 1
+    assert pgrp == session == pid
+    assert os.getsid(0) != session
+
+
+async def test_inside_view(manager: InstanceManager, c1: str) -> None:
+    assert await run(manager, c1, ["hostname"]) == (0, f"{c1}\n", "")
+    code, out, _ = await run(manager, c1, ["sh", "-c", "echo $$"])
+    assert code == 0 and int(out) < 10  # a fresh pid namespace
+    code, out, _ = await run(manager, c1, ["ps", "-o", "pid,comm"])
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert code == 0 and [pid for pid, _ in rows][0] == "1" and len(rows) == 2  # pid1 and ps itself
+    script = ("cat /proc/1/cmdline | tr '\\0' ' ' | grep -q pid1.py && echo proc-ok; "
+              "echo x > /dev/null && head -c 4 /dev/zero | wc -c; "
+              "test -c /dev/pts/ptmx && test -L /dev/ptmx && echo pts-ok; "
+              "echo data > /tmp/f && cat /tmp/f; "
+              "grep -E ' /(tmp|dev|dev/pts|proc|dev/shm) ' /proc/mounts | cut -d' ' -f2,3 | sort; "
+              "ls /dev/fd/ >/dev/null && echo fd-ok")
+    code, out, err = await run(manager, c1, ["sh", "-c", script])
+    assert (code, err) == (0, "")
+    assert out.split("\n") == ["proc-ok", "4", "pts-ok", "data", "/dev tmpfs", "/dev/pts devpts", "/dev/shm tmpfs",
+                               "/proc proc", "/tmp tmpfs", "fd-ok", ""]
+    assert await run(manager, c1, ["sh", "-c", "echo hi > /root/f && cat /root/f"]) == (0, "hi\n", "")
+
+
+async def test_mounts_stay_inside(manager: InstanceManager, c1: str, data_dir: Path) -> None:
+    with open("/proc/self/mountinfo") as f:
+        assert str(data_dir) not in f.read()
+
+
+async def test_stop_kills_a_process_ignoring_sigterm_after_the_grace_period(manager: InstanceManager,
+                                                                            c1: str) -> None:
+    proc, pipes = await spawn_piped(manager, c1, ["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 0.05; done"])
+    try:
+        assert os.read(pipes.stdout_r, 100) == b"ready\n"
+        t0 = time.monotonic()
+        inst = await manager.stop(c1, timeout=0.5)
+        elapsed = time.monotonic() - t0
+        assert inst.status == "Stopped"
+        assert 0.5 <= elapsed < 5
+        assert await asyncio.wait_for(proc.wait(), 5) == 137
+        assert proc.host_pid is not None and not pid_alive(proc.host_pid)
+    finally:
+        proc.close()
+        pipes.close()
+
+
+async def test_graceful_stop_terminates_commands(manager: InstanceManager, c1: str) -> None:
+    proc, pipes = await spawn_piped(manager, c1, ["sleep", "1000"])
+    try:
+        t0 = time.monotonic()
+        await manager.stop(c1, timeout=30)
+        assert time.monotonic() - t0 < 5
+        assert await asyncio.wait_for(proc.wait(), 5) == 143  # SIGTERM, reported before pid1 exits
+    finally:
+        proc.close()
+        pipes.close()
+
+
+async def test_freeze_and_unfreeze(manager: InstanceManager, c1: str) -> None:
+    freezer = Freezer.for_instance(CGROUP_PARENT, c1)
+    if freezer is None:
+        pytest.skip("no cgroup freezer on this machine")
+    proc, pipes = await spawn_piped(manager, c1, ["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /tmp/n; done"])
+    counter = Path(f"/proc/{manager.get(c1).pid}/root/tmp/n")
+
+    def count() -> int:
+        try:
+            return int(counter.read_text() or 0)
+        except (OSError, ValueError):
+            return 0
+    try:
+        await async_wait_for(lambda: count() > 10, 10, "the counter to run")
+        inst = await manager.freeze(c1)
+        assert inst.status == "Frozen"
+        if freezer.version == "v1":
+            assert (freezer.path / "freezer.state").read_text().strip() == "FROZEN"
+        frozen_at = count()
+        await asyncio.sleep(0.3)
+        assert count() == frozen_at  # no progress while frozen
+        with pytest.raises(BadRequest, match="^Instance is frozen$"):
+            await run(manager, c1, ["true"])
+        with pytest.raises(BadRequest, match="already frozen"):
+            await manager.freeze(c1)
+        assert (await manager.unfreeze(c1)).status == "Running"
+        await async_wait_for(lambda: count() > frozen_at + 10, 10, "the counter to run again")
+        with pytest.raises(BadRequest, match="not frozen"):
+            await manager.unfreeze(c1)
+
+        await manager.freeze(c1)
+        inst = await manager.stop(c1, timeout=5)  # a frozen instance stops too (thawed, then SIGTERM)
+        assert inst.status == "Stopped"
+        assert await asyncio.wait_for(proc.wait(), 5) == 143
+    finally:
+        proc.close()
+        pipes.close()
+
+
+async def test_readoption_by_a_new_manager(manager: InstanceManager, c1: str, data_dir: Path) -> None:
+    pid = manager.get(c1).pid
+    fresh = InstanceManager(data_dir, driver="namespaces", cgroup_parent=CGROUP_PARENT)
+    fresh.adopt()
+    inst = fresh.get(c1)
+    assert (inst.status, inst.pid) == ("Running", pid)
+    assert await run(fresh, c1, ["hostname"]) == (0, f"{c1}\n", "")
+    await fresh.stop(c1)
+    assert manager.get(c1).status == "Stopped"  # the old manager notices too
+
+
+async def test_stale_state_is_not_adopted(manager: InstanceManager, c1: str, data_dir: Path) -> None:
+    """A state.json whose pid now belongs to another process (start time differs) means Stopped."""
+    state_file = data_dir / "instances" / c1 / "state.json"
+    state = json.loads(state_file.read_text())
+    await manager.stop(c1, force=True)
+    state_file.write_text(json.dumps(state | {"pid": os.getpid()}))
+    fresh = InstanceManager(data_dir, driver="namespaces", cgroup_parent=CGROUP_PARENT)
+    assert fresh.get(c1).status == "Stopped"
+    assert not state_file.exists()
+
+
+async def test_instance_survives_its_launcher(data_dir: Path) -> None:
+    """The agent process that started an instance dies (SIGKILL): the instance lives on."""
+    name = unique_name()
+    script = (f"import asyncio, sys; from pathlib import Path; from node_agent.instances import InstanceManager\n"
+              f"m = InstanceManager(Path({str(data_dir)!r}), driver='namespaces', cgroup_parent={CGROUP_PARENT!r})\n"
+              f"m.create({name!r}); print(asyncio.run(m.start({name!r})).pid, flush=True)\n"
+              f"import time; time.sleep(1000)\n")
+    agent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=Path(__file__).parent.parent)
+    try:
+        assert agent.stdout is not None
+        pid = int(agent.stdout.readline())
+    finally:
+        agent.kill()
+        agent.wait()
+    manager = InstanceManager(data_dir, driver="namespaces", cgroup_parent=CGROUP_PARENT)
+    try:
+        assert pid_alive(pid) and manager.get(name).status == "Running"
+        assert await run(manager, name, ["true"]) == (0, "", "")
+    finally:
+        await cleanup_manager(manager)
+
+
+async def test_path_exists(manager: InstanceManager, c1: str) -> None:
+    for running in (True, False):
+        assert manager.get(c1).status == ("Running" if running else "Stopped")
+        assert manager.path_exists(c1, "/etc/passwd")
+        assert manager.path_exists(c1, "/bin/sh")
+        assert not manager.path_exists(c1, "/snap")
+        assert not manager.path_exists(c1, "/etc/NIXOS")
+        if running:
+            await manager.stop(c1, force=True)  # the same answers from the stopped rootfs
+
+
+async def test_open_pty_uses_the_instance_devpts(manager: InstanceManager, c1: str, data_dir: Path) -> None:
+    master, slave = manager.open_pty(c1)
+    try:
+        assert os.readlink(f"/proc/self/fd/{slave}").startswith(f"{data_dir}/instances/{c1}/rootfs/dev/pts/")
+        assert os.fstat(slave).st_dev != os.stat("/dev/pts/ptmx").st_dev
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+async def test_start_failure_is_reported(manager: InstanceManager, data_dir: Path) -> None:
+    manager.create("broken")
+    shutil.rmtree(data_dir / "instances" / "broken" / "rootfs" / "proc")
+    with pytest.raises(Exception, match="Failed to start instance: .*proc"):
+        await manager.start("broken")
+    assert manager.get("broken").status == "Stopped"
+
+
+# ------------------------------------------------------------------------------ images and drivers
+
+
+async def test_host_image(manager: InstanceManager) -> None:
+    manager.create("h1", image="host")
+    await manager.start("h1")
+    code, out, _ = await run(manager, "h1", ["/usr/bin/env"], env={"A": "b"})
+    assert (code, out) == (0, "A=b\n")
+    assert await run(manager, "h1", ["hostname"]) == (0, "h1\n", "")
+    code, _, err = await run(manager, "h1", ["touch", "/usr/x"])
+    assert code != 0 and "Read-only file system" in err
+    assert (await run(manager, "h1", ["python3", "-c", "print(1+1)"]))[1] == "2\n"
+    assert manager.path_exists("h1", "/usr/bin/env")
+
+
+async def test_process_driver() -> None:
+    d = new_data_dir()
+    with pytest.warns(RuntimeWarning, match="process"):
+        manager = InstanceManager(d, driver="process", cgroup_parent=CGROUP_PARENT)
+    assert manager.driver_name == "process"
+    try:
+        manager.create("p1")
+        inst = await manager.start("p1")
+        assert inst.status == "Running"
+        assert await run(manager, "p1", ["sh", "-c", "echo $FOO; exit 3"], env=ENV | {"FOO": "x"}) == (3, "x\n", "")
+        assert (await run(manager, "p1", ["no-such-command"]))[0] == 127
+        assert await run(manager, "p1", ["pwd"], cwd="/tmp") == (0, "/tmp\n", "")
+        proc, pipes = await spawn_piped(manager, "p1", ["sleep", "1000"])
+        try:
+            assert proc.host_pid == proc.pid
+            await manager.stop("p1", timeout=5)
+            assert await asyncio.wait_for(proc.wait(), 5) == 143
+            assert not pid_alive(proc.pid)
+        finally:
+            proc.close()
+            pipes.close()
+    finally:
+        await cleanup_manager(manager)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# -------------------------------------------------------------------------------------------- Ray
+
+
+def test_instance_survives_ray_shutdown() -> None:
+    """Started from a Ray actor, an instance outlives the actor (killed) and the whole Ray cluster.
+
+    Runs with RAY_process_group_cleanup_enabled=true (Ray kills each worker's process group on exit) on top
+    of the default RAY_kill_child_processes_on_worker_exit=true (Ray kills a worker's direct children).
+    """
+    ray = pytest.importorskip("ray")
+    ray_tmp = tempfile.mkdtemp(prefix="ebray", dir="/tmp")
+    data = new_data_dir()
+    name = unique_name("ray")
+    env_before = dict(os.environ)
+    os.environ.update(RAY_TMPDIR=ray_tmp, RAY_process_group_cleanup_enabled="true")
+    try:
+        ray.init(address="local", include_dashboard=False, _temp_dir=ray_tmp, num_cpus=1, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}})
+        try:
+            @ray.remote(num_cpus=0)
+            class Starter:
+                async def start(self, data_dir: str, name: str, cgroup_parent: str) -> tuple[int, int]:
+                    from node_agent.instances import InstanceManager as Manager
+                    m = Manager(Path(data_dir), driver="namespaces", cgroup_parent=cgroup_parent)
+                    m.create(name)
+                    return (await m.start(name)).pid or 0, os.getpid()
+
+            actor = Starter.remote()  # type: ignore[attr-defined]
+            pid1, worker = ray.get(actor.start.remote(str(data), name, CGROUP_PARENT), timeout=120)
+            ray.kill(actor)
+            wait_for(lambda: not pid_alive(worker), 30, "the actor's worker to exit")
+        finally:
+            ray.shutdown()
+        wait_for(lambda: not processes_mentioning(ray_tmp), 60, "every Ray process to exit")
+        assert pid_alive(pid1)
+        manager = InstanceManager(data, driver="namespaces", cgroup_parent=CGROUP_PARENT)
+        try:
+            assert manager.get(name).status == "Running"
+            assert asyncio.run(run(manager, name, ["hostname"])) == (0, f"{name}\n", "")
+        finally:
+            asyncio.run(cleanup_manager(manager))
+    finally:
+        os.environ.clear()
+        os.environ.update(env_before)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+        shutil.rmtree(data, ignore_errors=True)
