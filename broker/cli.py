@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--address", help="Ray head HEAD:PORT to join; absent: start a new cluster")
     up.add_argument("--node-name", help="member name of this node")
     up.add_argument("--dir", help="data directory (default $EXECBROKER_DIR or /var/lib/execbroker)")
+    up.add_argument("--node-ip", help="IP address Ray advertises for this node")
 
     launch = sub.add_parser("launch", help="create and start an instance")
     launch.add_argument("name")
