@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from broker.channel import ChannelClosed
 
@@ -19,7 +19,7 @@ class WebSocketChannel:
             return None
         try:
             msg = await self._ws.receive()
-        except RuntimeError:  # receive after disconnect
+        except (RuntimeError, WebSocketDisconnect):  # receive after disconnect
             msg = {"type": "websocket.disconnect"}
         if msg["type"] == "websocket.disconnect":
             self._gone = True
@@ -32,13 +32,13 @@ class WebSocketChannel:
     async def send_bytes(self, data: bytes) -> None:
         try:
             await self._ws.send({"type": "websocket.send", "bytes": data})
-        except (OSError, RuntimeError) as exc:
+        except (OSError, RuntimeError, WebSocketDisconnect) as exc:
             raise ChannelClosed(str(exc)) from None
 
     async def send_text(self, text: str) -> None:
         try:
             await self._ws.send({"type": "websocket.send", "text": text})
-        except (OSError, RuntimeError) as exc:
+        except (OSError, RuntimeError, WebSocketDisconnect) as exc:
             raise ChannelClosed(str(exc)) from None
 
     async def close(self) -> None:

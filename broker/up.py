@@ -36,18 +36,21 @@ def run(args: argparse.Namespace) -> int:
     def on_signal(_signum: int, _frame: object) -> None:
         stop.set()
 
+    local = address == "local"
+    # A local cluster talks over loopback only; a joining node uses the address Ray picks (or --node-ip).
+    node_ip = getattr(args, "node_ip", None) or ("127.0.0.1" if local else None)
+    ray.init(address=address, namespace=NAMESPACE, include_dashboard=False, log_to_driver=True,
+             logging_level="WARNING", configure_logging=True, _node_ip_address=node_ip)
+    # After ray.init: Ray installs its own SIGTERM handler, which would end us without a clean stop.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-
-    ray.init(address=address, namespace=NAMESPACE, include_dashboard=False, log_to_driver=True,
-             logging_level="WARNING", configure_logging=True)
     agent = None
     try:
         node_id = ray.get_runtime_context().get_node_id()
         agent = NodeAgent.options(
             name=agent_name(node_id), namespace=NAMESPACE, max_concurrency=100_000,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-        ).remote(str(directory), server_name, clustered=address != "local",
+        ).remote(str(directory), server_name, clustered=not local,
                  socket_mode=int(os.environ.get("EXECBROKER_SOCKET_MODE", "660"), 8))
         info = ray.get(agent.start.remote())
         default = os.environ.get("EXECBROKER_DEFAULT_INSTANCE", "c1")

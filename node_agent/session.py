@@ -53,7 +53,7 @@ class _Socket:
                 await self.channel.send_text(data)
             else:
                 await self.channel.send_bytes(data)
-        except (ChannelClosed, OSError, RuntimeError):
+        except ChannelClosed:
             self.broken = True
 
     async def close(self) -> None:

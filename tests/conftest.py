@@ -136,6 +136,7 @@ def _stop_broker(broker: Broker) -> None:
 @pytest.fixture(scope="session")
 def broker() -> Iterator[Broker]:
     base = Path(tempfile.mkdtemp(prefix="eb-", dir="/tmp"))
+    base.chmod(0o755)  # other identities (uid 65534 in the requestor test) must reach the socket
     b = _start_broker(base)
     try:
         yield b

@@ -11,11 +11,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from broker.errors import BadRequest, Conflict, NotFound
+from node_agent import cgroups
 from node_agent.cgroups import Freezer
 from node_agent.instances import InstanceManager
 from tests.instance_fixtures import (CGROUP_PARENT, ENV, async_wait_for, c1, cleanup_manager, data_dir,  # noqa: F401
@@ -171,10 +173,38 @@ async def test_graceful_stop_terminates_commands(manager: InstanceManager, c1: s
         pipes.close()
 
 
-async def test_freeze_and_unfreeze(manager: InstanceManager, c1: str) -> None:
+@pytest.fixture(params=["v1", "v2"])
+def cgroup_version(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Freeze through the cgroup v1 freezer or the v2 ``cgroup.freeze`` (a hybrid host offers both)."""
+    found = cgroups.detect()
+    if request.param == "v1":
+        if found is None or found[0] != "v1":
+            pytest.skip("no cgroup v1 freezer on this machine")
+        yield "v1"
+        return
+    root = next((Path(m[1]) for m in _mounts() if m[2] == "cgroup2"), None)
+    if root is None or not (root / "cgroup.controllers").exists():
+        pytest.skip("no cgroup2 hierarchy on this machine")
+    monkeypatch.setattr(cgroups, "detect", lambda: ("v2", root))
+    yield "v2"
+    try:
+        (root / CGROUP_PARENT).rmdir()
+    except OSError:
+        pass
+
+
+def _mounts() -> list[list[str]]:
+    with open("/proc/self/mounts") as f:
+        return [line.split() for line in f]
+
+
+async def test_freeze_and_unfreeze(manager: InstanceManager, cgroup_version: str) -> None:
+    c1 = unique_name()
+    manager.create(c1)
+    await manager.start(c1)
     freezer = Freezer.for_instance(CGROUP_PARENT, c1)
-    if freezer is None:
-        pytest.skip("no cgroup freezer on this machine")
+    assert freezer is not None and freezer.version == cgroup_version
+    assert manager.get(c1).pid in freezer.pids()
     proc, pipes = await spawn_piped(manager, c1, ["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /tmp/n; done"])
     counter = Path(f"/proc/{manager.get(c1).pid}/root/tmp/n")
 
@@ -189,6 +219,8 @@ async def test_freeze_and_unfreeze(manager: InstanceManager, c1: str) -> None:
         assert inst.status == "Frozen"
         if freezer.version == "v1":
             assert (freezer.path / "freezer.state").read_text().strip() == "FROZEN"
+        else:
+            assert "frozen 1" in (freezer.path / "cgroup.events").read_text()
         frozen_at = count()
         await asyncio.sleep(0.3)
         assert count() == frozen_at  # no progress while frozen
@@ -208,6 +240,8 @@ async def test_freeze_and_unfreeze(manager: InstanceManager, c1: str) -> None:
     finally:
         proc.close()
         pipes.close()
+        await cleanup_manager(manager)  # while the cgroup version is still patched in
+    assert not freezer.path.exists()
 
 
 async def test_readoption_by_a_new_manager(manager: InstanceManager, c1: str, data_dir: Path) -> None:
@@ -370,3 +404,55 @@ def test_instance_survives_ray_shutdown() -> None:
         os.environ.update(env_before)
         shutil.rmtree(ray_tmp, ignore_errors=True)
         shutil.rmtree(data, ignore_errors=True)
+
+
+async def test_broken_definition_is_an_error_instance(manager: InstanceManager, data_dir: Path) -> None:
+    manager.create("c1")
+    (data_dir / "instances" / "c1" / "instance.json").write_text("{not json")
+    fresh = InstanceManager(data_dir, driver="namespaces", cgroup_parent=CGROUP_PARENT)
+    assert fresh.get("c1").status == "Error"
+    with pytest.raises(BadRequest, match="Cannot load instance"):
+        await fresh.start("c1")
+    await fresh.delete("c1")
+    assert fresh.list() == []
+
+
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+
+
+@pytest.mark.skipif(not SYSTEM_PYTHON.exists(), reason="needs a Python that an unprivileged user may run")
+def test_process_driver_without_root() -> None:
+    """As an ordinary user (nobody) "auto" picks the process driver; uid 0 means that user."""
+    work = Path(tempfile.mkdtemp(prefix="ebnobody", dir="/tmp"))
+    os.chown(work, 65534, 65534)
+    script = work / "run.py"
+    script.write_text(
+        "import asyncio, os, warnings\n"
+        "from pathlib import Path\n"
+        "from node_agent.instances import InstanceManager\n"
+        "from node_agent.spawn import SpawnRequest\n"
+        "async def main():\n"
+        "    with warnings.catch_warnings(record=True) as caught:\n"
+        "        warnings.simplefilter('always')\n"
+        f"        m = InstanceManager(Path({str(work / 'data')!r}))\n"
+        "    print(m.driver_name, any('process' in str(w.message) for w in caught))\n"
+        "    m.create('n1')\n"
+        "    print((await m.start('n1')).status)\n"
+        "    r, w = os.pipe()\n"
+        "    p = await m.spawn('n1', SpawnRequest(['sh', '-c', 'id -u; exit 4'], {'PATH': '/usr/bin:/bin'}), (0, w, w))\n"
+        "    os.close(w)\n"
+        "    print(await p.wait(), os.read(r, 100).decode().strip())\n"
+        "    p.close()\n"
+        "    print((await m.stop('n1')).status)\n"
+        "    await m.delete('n1')\n"
+        "asyncio.run(main())\n")
+    try:
+        done = subprocess.run([str(SYSTEM_PYTHON), str(script)], user=65534, group=65534, extra_groups=[],
+                              cwd=work, capture_output=True, text=True, timeout=60,
+                              env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+        if "ModuleNotFoundError" in done.stderr:
+            pytest.skip(f"{SYSTEM_PYTHON} cannot import the project: {done.stderr.strip().splitlines()[-1]}")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split("\n") == ["process True", "Running", "4 65534", "Stopped", ""]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

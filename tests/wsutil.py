@@ -78,9 +78,12 @@ async def run(raw: Raw, instance: str, command: list[str], stdin: bytes = b"", *
     s0 = await raw.connect(op, "0")
     s1 = await raw.connect(op, "1")
     s2 = await raw.connect(op, "2")
-    if stdin:
-        await s0.send(stdin)
-    await s0.send("")
+    try:  # the server may already have closed socket 0 when the command ignores stdin
+        if stdin:
+            await s0.send(stdin)
+        await s0.send("")
+    except ConnectionClosed:
+        pass
     out, err = await asyncio.gather(read_stream(s1), read_stream(s2))
     final = await raw.wait(op["id"])
     for ws in (s0, s1, s2, ctl):
