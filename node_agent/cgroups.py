@@ -42,8 +42,15 @@ class Freezer:
 
     @classmethod
     def for_instance(cls, parent: str, name: str) -> Freezer | None:
+        """The instance's freezer, or None where no hierarchy can freeze or we may not create groups."""
         found = detect()
-        return None if found is None else cls(found[0], found[1], parent, name)
+        if found is None:
+            return None
+        version, root = found
+        group_parent = root / parent
+        if not os.access(group_parent if group_parent.exists() else root, os.W_OK):
+            return None
+        return cls(version, root, parent, name)
 
     @property
     def procs_file(self) -> Path:

@@ -358,7 +358,8 @@ class InstanceManager:
             path = self._dir(name)
             if self._mounts_below(path):  # never recurse into a host directory bind-mounted here
                 raise ApiError(f"Cannot delete instance {name}: filesystems are still mounted below {path}")
-            shutil.rmtree(path, ignore_errors=False)
+            if path.exists():  # gone already if another manager deleted it
+                shutil.rmtree(path)
             freezer = self._freezer(name)
             if freezer is not None:
                 freezer.remove()
