@@ -16,7 +16,8 @@ Two processes take part in a start:
 Spawn protocol (SOCK_SEQPACKET, one connection per command, one JSON object per message):
 
 * agent -> pid1: ``{"argv", "env", "cwd", "uid", "gid", "pty"}`` carrying fds [stdin, stdout, stderr];
-* pid1 -> agent: ``{"pid": P, "host_pid": H}`` once exec succeeded, or ``{"error": "..."}`` (then closes);
+* pid1 -> agent: ``{"pid": P}`` (P in the instance's pid namespace) with a pidfd on the command once exec
+  succeeded, or ``{"error": "..."}`` (then closes);
 * pid1 -> agent: ``{"exit": <raw wait status>}`` when the command was reaped (then closes);
 * agent -> pid1 at any time: ``{"signal": N}`` (main process) or ``{"kill": true}`` (its process group).
   The agent closing the connection while the command runs SIGKILLs the command's process group.
@@ -225,9 +226,6 @@ class Pid1:
         os.close(devnull)
         os.close(log)
         instance_dir = self.cfg["instance_dir"]
-        self.dir_fd = os.open(instance_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        # Host procfs, kept open across the chroot: its "self" names a child's host pid.
-        self.host_proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         if self.isolated:
             self._mount_filesystems()
             socket.sethostname(self.cfg["name"])
@@ -351,11 +349,7 @@ class Pid1:
                 self._exec_reaped(ex, status)
 
     def _exit(self) -> NoReturn:
-        try:
-            os.unlink(SOCKET_NAME, dir_fd=self.dir_fd)
-        except OSError:
-            pass
-        os._exit(0)
+        os._exit(0)  # the agent removes spawn.sock; we keep no handle on host paths for it
 
     # ---- spawn connections
 
@@ -438,10 +432,13 @@ class Pid1:
             ex.conn.close()
             ex.conn = None
 
-    def _send(self, ex: _Exec, msg: dict[str, Any]) -> None:
+    def _send(self, ex: _Exec, msg: dict[str, Any], fds: list[int] | None = None) -> None:
         if ex.conn is not None:
             try:
-                ex.conn.send(json.dumps(msg).encode())
+                if fds:
+                    socket.send_fds(ex.conn, [json.dumps(msg).encode()], fds)
+                else:
+                    ex.conn.send(json.dumps(msg).encode())
             except OSError:
                 self._close_conn(ex)
 
@@ -512,31 +509,18 @@ class Pid1:
         self.sel.register(status_r, selectors.EVENT_READ, lambda fd: self._on_status(ex, fd))
 
     def _started(self, ex: _Exec) -> None:
+        """Reply with the command's pid here and a pidfd on it: the agent reads the host's pid off the pidfd
+        (its fdinfo, through the agent's own procfs), so we need no handle on the host's /proc."""
+        try:
+            pidfd = os.pidfd_open(ex.pid)
+        except OSError:
+            pidfd = -1
         ex.started = True
-        self._send(ex, {"pid": ex.pid, "host_pid": self._host_pid(ex.pid)})
-
-    def _host_pid(self, pid: int) -> int | None:
-        """The host's pid of our child: a pidfd's fdinfo, read through the host's procfs, names it."""
-        if not self.isolated:
-            return pid
         try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            return None
-        try:
-            fd = os.open(f"self/fdinfo/{pidfd}", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.host_proc)
-            try:
-                info = os.read(fd, 4096)
-            finally:
-                os.close(fd)
-        except OSError:
-            return None
+            self._send(ex, {"pid": ex.pid}, [pidfd] if pidfd >= 0 else None)
         finally:
-            os.close(pidfd)
-        for line in info.splitlines():
-            if line.startswith(b"Pid:"):
-                return int(line.split()[1])
-        return None
+            if pidfd >= 0:
+                os.close(pidfd)
 
     def _refuse(self, ex: _Exec, text: str) -> None:
         self._send(ex, {"error": text})

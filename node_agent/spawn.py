@@ -157,16 +157,21 @@ async def spawn(socket_path: Path, req: SpawnRequest, fds: tuple[int, int, int])
         if len(payload) > 200_000:  # default socket buffers hold ~200 KiB per message
             _grow_send_buffer(sock, len(payload) + 4096)
         await _send(loop, sock, payload, fds)
-        reply = await _recv(loop, sock)
-        if not reply:
-            raise Pid1Unavailable()
-        msg = json.loads(reply)
-        if "error" in msg:
-            raise SpawnError(str(msg["error"]))
+        reply, pidfds = await _recv(loop, sock)
+        try:
+            if not reply:
+                raise Pid1Unavailable()
+            msg = json.loads(reply)
+            if "error" in msg:
+                raise SpawnError(str(msg["error"]))
+            host_pid = _pidfd_host_pid(pidfds[0]) if pidfds else None
+        finally:
+            for fd in pidfds:
+                os.close(fd)
     except BaseException:
         sock.close()
         raise
-    return Process(int(msg["pid"]), msg.get("host_pid"), sock)
+    return Process(int(msg["pid"]), host_pid, sock)
 
 
 async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, path: Path) -> None:
@@ -208,14 +213,28 @@ async def _send(loop: asyncio.AbstractEventLoop, sock: socket.socket, payload: b
             raise SpawnError(f"Failed to send the command to the instance: {exc.strerror}") from None
 
 
-async def _recv(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+async def _recv(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[bytes, list[int]]:
     while True:
         try:
-            return sock.recv(4096)
+            data, fds, _flags, _addr = socket.recv_fds(sock, 4096, 1, socket.MSG_CMSG_CLOEXEC)
+            return data, fds
         except BlockingIOError:
             await _ready(loop, sock, write=False)
         except ConnectionResetError:
-            return b""
+            return b"", []
+
+
+def _pidfd_host_pid(pidfd: int) -> int | None:
+    """The pid, in our own pid namespace, of the process a pidfd refers to (pidfd fdinfo, Linux >= 5.3)."""
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pid:"):
+                    pid = int(line.split()[1])
+                    return pid if pid > 0 else None  # 0: not visible from here; -1: already reaped
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 async def _ready(loop: asyncio.AbstractEventLoop, sock: socket.socket, write: bool) -> None:
