@@ -5,6 +5,7 @@ The HTTP layer (api/) calls this; the Ray actor (node_agent/agent.py) owns one. 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import socket
@@ -46,7 +47,9 @@ class NodeService:
         self.location = server_name if clustered else "none"
         self.hub = EventHub(self.location)
         self.ops = OperationRegistry(self.location, self._op_changed, retention)
-        self.instances = InstanceManager(data_dir, driver=driver)
+        # One freezer cgroup tree per data dir: two brokers on a host may use the same instance names.
+        tree = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:10]
+        self.instances = InstanceManager(data_dir, driver=driver, cgroup_parent=f"execbroker-{tree}")
         self.sessions: dict[str, ExecSession] = {}
 
     def start(self) -> None:

@@ -155,3 +155,9 @@ def c1(broker: Broker) -> str:
     inst = broker.api("GET", "/1.0/instances/c1", status=200)["metadata"]
     assert inst["status"] == "Running"
     return "c1"
+
+
+@pytest.fixture()
+def exec_target(broker: Broker, c1: str) -> tuple[str, str]:
+    """Where tests/test_client_cli.py runs: this broker's socket and instance."""
+    return str(broker.socket), c1

@@ -1,0 +1,87 @@
+"""This node's Ray processes: ``ray start ... --block`` as a child in its own process group.
+
+Stopping terminates exactly that child (which tears down the raylet and the rest it started), never
+``ray stop``, which would kill every Ray process on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+NAME_LABEL = "execbroker-name"
+
+
+def free_port(ip: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((ip, 0))
+        return int(s.getsockname()[1])
+
+
+def ray_binary() -> str:
+    found = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+    if found is None:
+        raise RuntimeError("the `ray` command is not installed next to this Python")
+    return found
+
+
+class RayNode:
+    def __init__(self, *, head: bool, node_ip: str, name: str, address: str | None = None,
+                 port: int | None = None, env: dict[str, str] | None = None, log: Path | None = None) -> None:
+        self.head = head
+        self.node_ip = node_ip
+        self.name = name
+        self.port = port or (free_port(node_ip) if head else None)
+        self.address = f"{node_ip}:{self.port}" if head else address
+        self.env = {**os.environ, **(env or {})}
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        cmd = [ray_binary(), "start", "--block", f"--node-ip-address={self.node_ip}", "--disable-usage-stats",
+               f"--labels={NAME_LABEL}={self.name}"]
+        if self.head:
+            cmd += ["--head", f"--port={self.port}", "--include-dashboard=false"]
+        else:
+            cmd += [f"--address={self.address}"]
+        return cmd
+
+    def start(self) -> None:
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115 - kept by the child
+        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                     env=self.env, start_new_session=True)
+        if out is not subprocess.DEVNULL:
+            out.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def find_node_id(name: str, timeout: float = 60.0) -> str:
+    """The Ray node id of the alive node labelled with this member name (connect with ray.init first)."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while True:
+        for node in ray.nodes():
+            if node.get("Alive") and (node.get("Labels") or {}).get(NAME_LABEL) == name:
+                return str(node["NodeID"])
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no alive Ray node labelled {NAME_LABEL}={name}")
+        time.sleep(0.1)

@@ -1,0 +1,134 @@
+"""The cluster directory: which member owns each instance and operation, and where members listen.
+
+Soft state: every agent re-registers its member record, instances and live operations whenever the
+directory's incarnation changes (a restarted directory starts empty) and when the agent (re)starts, so
+losing the directory loses nothing. Actor methods run one at a time, which makes ``claim_instance``
+the cluster-wide arbiter of instance names (409 for the loser of a race).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from broker.errors import Conflict
+
+DIRECTORY_NAME = "execbroker-directory"
+OP_LIMIT = 100_000  # operations are short-lived; the oldest mappings go first beyond this
+
+
+@dataclass
+class Member:
+    name: str
+    node_id: str
+    address: str  # host:port of the member's API listener for member-to-member traffic
+    instances: set[str] = field(default_factory=set)
+
+
+class DirectoryState:
+    """The directory's logic, IO-free (the Ray actor below only wraps it)."""
+
+    def __init__(self) -> None:
+        self.epoch = uuid.uuid4().hex
+        self.members: dict[str, Member] = {}
+        self.owner: dict[str, str] = {}  # instance -> member
+        self.ops: OrderedDict[str, str] = OrderedDict()  # operation id -> member
+
+    def register_member(self, name: str, node_id: str, address: str, instances: list[str],
+                        ops: list[str]) -> list[str]:
+        """A (re)started agent's full state; returns its instances already owned by another member."""
+        old = self.members.get(name)
+        if old is not None:
+            for inst in old.instances:
+                if self.owner.get(inst) == name:
+                    del self.owner[inst]
+        member = Member(name, node_id, address)
+        self.members[name] = member
+        clashes = []
+        for inst in instances:
+            holder = self.owner.get(inst)
+            if holder is not None and holder != name:
+                clashes.append(inst)
+                continue
+            self.owner[inst] = name
+            member.instances.add(inst)
+        self.add_ops(name, ops)
+        return clashes
+
+    def claim_instance(self, name: str, member: str) -> None:
+        holder = self.owner.get(name)
+        if holder is not None:
+            raise Conflict(f'Instance "{name}" already exists' + ("" if holder == member else f" on {holder}"))
+        self.owner[name] = member
+        self.members[member].instances.add(name)
+
+    def release_instance(self, name: str, member: str) -> None:
+        if self.owner.get(name) == member:
+            del self.owner[name]
+        if member in self.members:
+            self.members[member].instances.discard(name)
+
+    def locate_instance(self, name: str) -> str | None:
+        return self.owner.get(name)
+
+    def add_ops(self, member: str, ops: list[str]) -> None:
+        for op in ops:
+            self.ops[op] = member
+            self.ops.move_to_end(op)
+        while len(self.ops) > OP_LIMIT:
+            self.ops.popitem(last=False)
+
+    def forget_ops(self, ops: list[str]) -> None:
+        for op in ops:
+            self.ops.pop(op, None)
+
+    def locate_op(self, op_id: str) -> str | None:
+        return self.ops.get(op_id)
+
+    def member_table(self) -> dict[str, dict[str, object]]:
+        return {m.name: {"node_id": m.node_id, "address": m.address, "instances": sorted(m.instances)}
+                for m in self.members.values()}
+
+
+def make_actor():  # type: ignore[no-untyped-def]
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+    class Directory:
+        def __init__(self) -> None:
+            self.state = DirectoryState()
+
+        def epoch(self) -> str:
+            return self.state.epoch
+
+        def register_member(self, name: str, node_id: str, address: str, instances: list[str],
+                            ops: list[str]) -> tuple[str, list[str]]:
+            return self.state.epoch, self.state.register_member(name, node_id, address, instances, ops)
+
+        def claim_instance(self, name: str, member: str) -> tuple[int, str]:
+            try:
+                self.state.claim_instance(name, member)
+            except Conflict as exc:
+                return exc.status, exc.message
+            return 0, ""
+
+        def release_instance(self, name: str, member: str) -> None:
+            self.state.release_instance(name, member)
+
+        def locate_instance(self, name: str) -> str | None:
+            return self.state.locate_instance(name)
+
+        def add_ops(self, member: str, ops: list[str]) -> None:
+            self.state.add_ops(member, ops)
+
+        def forget_ops(self, ops: list[str]) -> None:
+            self.state.forget_ops(ops)
+
+        def locate_op(self, op_id: str) -> str | None:
+            return self.state.locate_op(op_id)
+
+        def members(self) -> dict[str, dict[str, object]]:
+            return self.state.member_table()
+
+    return Directory
