@@ -66,6 +66,7 @@ class _Record:
     created_at: datetime
     last_used_at: datetime | None = None
     pid1: Pid1Identity | None = None
+    driver: Driver = "namespaces"  # of the running pid1 (a manager may adopt instances of another driver)
     broken: str | None = None  # why the definition could not be loaded (status Error)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
@@ -137,6 +138,7 @@ class InstanceManager:
         try:
             s = json.loads((path / "state.json").read_text())
             rec.pid1 = Pid1Identity(int(s["pid"]), int(s["start_time"]))
+            rec.driver = "process" if s.get("driver") == "process" else "namespaces"
         except (OSError, ValueError, KeyError, TypeError):
             pass
         self._refresh(rec)
@@ -156,10 +158,10 @@ class InstanceManager:
         """Whether ``path`` (absolute, as seen inside the instance) exists there."""
         rec = self._record(name)
         inside = "/" + path.lstrip("/")
+        if self._refresh(rec) and rec.pid1 is not None:
+            return os.path.lexists(inside if rec.driver == "process" else f"/proc/{rec.pid1.pid}/root{inside}")
         if self.driver_name == "process":
             return os.path.lexists(inside)
-        if self._refresh(rec) and rec.pid1 is not None:
-            return os.path.lexists(f"/proc/{rec.pid1.pid}/root{inside}")
         return os.path.lexists(rootfs.path_in_rootfs(self._dir(name) / "rootfs", rec.image, inside))
 
     def _ensure_loaded(self) -> None:
@@ -268,11 +270,15 @@ class InstanceManager:
                 "log": str(path / "pid1.log"),
             }
             _write_json(path / "pid1.json", config)
+            launch = asyncio.ensure_future(asyncio.to_thread(self._launch, rec))
             try:
-                rec.pid1 = await asyncio.to_thread(launcher.launch, path / "pid1.json")
+                await asyncio.shield(launch)
+            except asyncio.CancelledError:
+                await asyncio.wait([launch])  # let it finish and be recorded: no instance runs unknown to us
+                raise
             except launcher.LaunchError as exc:
                 raise ApiError(str(exc)) from None
-            _write_json(path / "state.json", asdict(rec.pid1) | {"driver": self.driver_name})
+            assert rec.pid1 is not None
             adopter = launcher.parent_pid(rec.pid1.pid)
             if adopter not in (None, 1):
                 # A child subreaper (e.g. Ray's RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper)
@@ -282,6 +288,13 @@ class InstanceManager:
             rec.last_used_at = _now()
             self._save(rec)
             return self._snapshot(rec)
+
+    def _launch(self, rec: _Record) -> None:
+        """Start pid1 and record it (memory and state.json). Blocking: runs in a worker thread."""
+        path = self._dir(rec.name)
+        ident = launcher.launch(path / "pid1.json")
+        _write_json(path / "state.json", asdict(ident) | {"driver": self.driver_name})
+        rec.pid1, rec.driver = ident, self.driver_name
 
     async def stop(self, name: str, timeout: float = 10.0, force: bool = False) -> Instance:
         """SIGTERM pid1 (it passes SIGTERM on and exits once the instance is empty); SIGKILL after
@@ -380,7 +393,7 @@ class InstanceManager:
         """(master, slave) from the instance's own devpts (so ``tty`` inside names /dev/pts/N), else from the
         host's. Both non-inheritable; the master is non-blocking. The caller owns and closes both."""
         rec = self._record(name)
-        if self.driver_name == "namespaces" and rec.pid1 is not None and self._refresh(rec):
+        if rec.driver == "namespaces" and rec.pid1 is not None and self._refresh(rec):
             try:
                 return _open_instance_pty(f"/proc/{rec.pid1.pid}/root/dev/pts/ptmx")
             except OSError as exc:
