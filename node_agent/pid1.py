@@ -39,6 +39,7 @@ import socket
 import struct
 import sys
 import termios
+import warnings  # noqa: F401 - os.get_exec_path (execvpe) imports it lazily; after chroot it could not
 from typing import Any, NoReturn
 
 CLONE_NEWNS = 0x00020000

@@ -361,38 +361,53 @@ async def test_process_driver() -> None:
 # -------------------------------------------------------------------------------------------- Ray
 
 
+RAY_DRIVER = """
+import json, os, sys
+from pathlib import Path
+import ray
+
+data_dir, name, cgroup_parent, ray_tmp = sys.argv[1:5]
+ray.init(address="local", include_dashboard=False, _temp_dir=ray_tmp, num_cpus=1, log_to_driver=False)
+
+
+@ray.remote(num_cpus=0)
+class Starter:
+    async def start(self) -> tuple[int, int]:
+        from node_agent.instances import InstanceManager
+        m = InstanceManager(Path(data_dir), driver="namespaces", cgroup_parent=cgroup_parent)
+        m.create(name)
+        return (await m.start(name)).pid or 0, os.getpid()
+
+
+actor = Starter.remote()
+pid1, worker = ray.get(actor.start.remote(), timeout=120)
+ray.kill(actor)  # the worker exits: Ray kills its children and (with pg cleanup) its process group
+ray.shutdown()  # then the whole local cluster goes
+print(json.dumps({"pid1": pid1, "worker": worker}), flush=True)
+"""
+
+
 def test_instance_survives_ray_shutdown() -> None:
     """Started from a Ray actor, an instance outlives the actor (killed) and the whole Ray cluster.
 
-    Runs with RAY_process_group_cleanup_enabled=true (Ray kills each worker's process group on exit) on top
-    of the default RAY_kill_child_processes_on_worker_exit=true (Ray kills a worker's direct children).
+    Ray runs in a driver subprocess (so no Ray state stays in this process), with
+    RAY_process_group_cleanup_enabled=true (Ray kills each worker's process group on exit) on top of the
+    default RAY_kill_child_processes_on_worker_exit=true (Ray kills a worker's direct children).
     """
-    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray")
     ray_tmp = tempfile.mkdtemp(prefix="ebray", dir="/tmp")
     data = new_data_dir()
     name = unique_name("ray")
-    env_before = dict(os.environ)
-    os.environ.update(RAY_TMPDIR=ray_tmp, RAY_process_group_cleanup_enabled="true")
+    env = os.environ | {"RAY_TMPDIR": ray_tmp, "RAY_process_group_cleanup_enabled": "true",
+                        "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     try:
-        ray.init(address="local", include_dashboard=False, _temp_dir=ray_tmp, num_cpus=1, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}})
-        try:
-            @ray.remote(num_cpus=0)
-            class Starter:
-                async def start(self, data_dir: str, name: str, cgroup_parent: str) -> tuple[int, int]:
-                    from node_agent.instances import InstanceManager as Manager
-                    m = Manager(Path(data_dir), driver="namespaces", cgroup_parent=cgroup_parent)
-                    m.create(name)
-                    return (await m.start(name)).pid or 0, os.getpid()
-
-            actor = Starter.remote()  # type: ignore[attr-defined]
-            pid1, worker = ray.get(actor.start.remote(str(data), name, CGROUP_PARENT), timeout=120)
-            ray.kill(actor)
-            wait_for(lambda: not pid_alive(worker), 30, "the actor's worker to exit")
-        finally:
-            ray.shutdown()
+        done = subprocess.run([sys.executable, "-c", RAY_DRIVER, str(data), name, CGROUP_PARENT, ray_tmp], env=env,
+                              capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+        pids = json.loads(done.stdout.strip().splitlines()[-1])
+        wait_for(lambda: not pid_alive(pids["worker"]), 30, "the actor's worker to exit")
         wait_for(lambda: not processes_mentioning(ray_tmp), 60, "every Ray process to exit")
-        assert pid_alive(pid1)
+        assert pid_alive(pids["pid1"])
         manager = InstanceManager(data, driver="namespaces", cgroup_parent=CGROUP_PARENT)
         try:
             assert manager.get(name).status == "Running"
@@ -400,8 +415,6 @@ def test_instance_survives_ray_shutdown() -> None:
         finally:
             asyncio.run(cleanup_manager(manager))
     finally:
-        os.environ.clear()
-        os.environ.update(env_before)
         shutil.rmtree(ray_tmp, ignore_errors=True)
         shutil.rmtree(data, ignore_errors=True)
 

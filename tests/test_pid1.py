@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import os
 import signal
+import socket
 import struct
 import termios
+from pathlib import Path
 
 import pytest
 
@@ -276,3 +279,34 @@ async def test_command_running_when_instance_stops_exits_137(manager: InstanceMa
     finally:
         proc.close()
         pipes.close()
+
+
+async def test_pid1_log_stays_clean(manager: InstanceManager, c1: str, data_dir: Path) -> None:
+    """Every path (errors too) runs in the busybox chroot without a late import or an exception in pid1."""
+    for argv, kw in ((["true"], {}), (["no-such-command"], {}), (["/root"], FORK_PATH), (["id"], FORK_PATH),
+                     (["pwd"], {"cwd": "/nope"}), (["pwd"], {"cwd": "/nope", **FORK_PATH}), ([], {})):
+        try:
+            await run(manager, c1, argv, **kw)
+        except SpawnError:
+            pass
+    proc, pipes = await spawn_piped(manager, c1, ["sleep", "1000"])
+    proc.signal(signal.SIGTERM)
+    await proc.wait()
+    proc.close()
+    pipes.close()
+    assert (data_dir / "instances" / c1 / "pid1.log").read_text() == ""
+
+
+async def test_malformed_requests_are_refused(manager: InstanceManager, c1: str, data_dir: Path) -> None:
+    """pid1 answers garbage with an error and keeps serving."""
+    path = str(data_dir / "instances" / c1 / "spawn.sock")
+    good = json.dumps({"argv": ["true"], "env": ENV}).encode()
+    for payload, fds in ((b"not json", [0, 1, 2]), (b"{}", [0, 1, 2]), (good, [0, 1]),
+                         (json.dumps({"argv": [], "env": {}}).encode(), [0, 1, 2])):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            sock.settimeout(10)
+            sock.connect(path)
+            socket.send_fds(sock, [payload], fds)
+            assert "Invalid spawn request" in json.loads(sock.recv(4096))["error"]
+            assert sock.recv(4096) == b""  # then it hangs up
+    assert await run(manager, c1, ["echo", "still serving"]) == (0, "still serving\n", "")
