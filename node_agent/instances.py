@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import struct
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -308,10 +309,10 @@ class InstanceManager:
             if freezer is not None and freezer.is_frozen():
                 await self._settle(freezer, frozen=False)  # frozen tasks cannot handle SIGTERM
             exited = False
-            if not force and launcher.send_signal(ident, 15):
+            if not force and launcher.send_signal(ident, signal.SIGTERM):
                 exited = await launcher.wait_exit(ident, timeout)
             if not exited:
-                launcher.send_signal(ident, 9)  # the kernel then kills the whole pid namespace
+                launcher.send_signal(ident, signal.SIGKILL)  # the kernel then kills the whole pid namespace
                 if not await launcher.wait_exit(ident, KILL_TIMEOUT):
                     raise ApiError("Failed to stop the instance: pid1 did not exit after SIGKILL")
             if freezer is not None:

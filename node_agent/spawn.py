@@ -59,7 +59,7 @@ class Process:
 
     def __init__(self, pid: int, host_pid: int | None, sock: socket.socket) -> None:
         self.pid = pid  # in the instance's pid namespace
-        self.host_pid = host_pid  # None when pid1 could not tell
+        self.host_pid = host_pid  # in our own pid namespace; None if it could not be determined
         self._sock = sock
         self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._outbox: list[bytes] = []
