@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from node_agent.pid1 import proc_stat
+
 PID1_SCRIPT = Path(__file__).with_name("pid1.py")
 # -I: ignore PYTHON* variables and user site; -S: stdlib only, faster start.
 PYTHON_ARGS = ("-I", "-S")
@@ -74,11 +76,9 @@ def probe_namespaces() -> bool:
 def _stat(pid: int) -> tuple[str, int, int] | None:
     """(state letter, parent pid, start time) of a host process, or None if there is no such process."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+        fields = proc_stat(pid)
     except OSError:
         return None
-    fields = stat[stat.rindex(b")") + 2:].split()
     return fields[0].decode(), int(fields[1]), int(fields[19])
 
 

@@ -95,11 +95,12 @@ def prctl(option: int, value: int) -> None:
                ctypes.c_ulong(0))
 
 
-def proc_start_time(pid: int) -> int:
-    """Field 22 of /proc/PID/stat (start time in clock ticks since boot): with the pid, a process identity."""
+def proc_stat(pid: int) -> list[bytes]:
+    """Fields 3 and on of /proc/PID/stat (state, ppid, pgrp, ...; the start time, field 22, is [19]).
+    Raises OSError if there is no such process."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         stat = f.read()
-    return int(stat[stat.rindex(b")") + 2:].split()[19])
+    return stat[stat.rindex(b")") + 2:].split()  # after the command name, which may hold anything
 
 
 def reset_signals() -> None:
@@ -149,7 +150,7 @@ def launch(config_path: str) -> int:
     os.close(ready_w)
     report = _read_until_eof(ready_r, timeout=float(cfg.get("ready_timeout", 30)))
     if report == READY:
-        print(json.dumps({"pid": pid, "start_time": proc_start_time(pid)}), flush=True)
+        print(json.dumps({"pid": pid, "start_time": int(proc_stat(pid)[19])}), flush=True)
         return 0
     try:
         os.kill(pid, signal.SIGKILL)
@@ -322,18 +323,12 @@ class Pid1:
                 _kill_quietly(pid, signal.SIGTERM, group=True)
 
     def _host_children(self) -> list[int]:
-        me = os.getpid()
-        children = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/stat", "rb") as f:
-                        stat = f.read()
-                except OSError:
-                    continue
-                if int(stat[stat.rindex(b")") + 2:].split()[1]) == me:
-                    children.append(int(entry))
-        return children
+        me = os.getpid()  # single-threaded: the main task's children are all our children
+        try:
+            with open(f"/proc/{me}/task/{me}/children") as f:
+                return [int(pid) for pid in f.read().split()]
+        except OSError:
+            return []
 
     def _reap(self) -> None:
         while True:
