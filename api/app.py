@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import os
 from collections.abc import Iterator
@@ -17,21 +18,47 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response, StreamingResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api import envelope
+from api import envelope, relay
 from api.wschannel import WebSocketChannel
 from broker.errors import ApiError, BadRequest, NotFound
 from broker.identity import Identity, from_uid
-from node_agent.service import NodeService
+from node_agent.frontend import Frontend
 
 MAX_BODY = 1 << 20
 
 
 def identity(conn: Request | WebSocket) -> Identity:
+    """The caller: the unix peer's user, or the identity another member forwarded (member listener)."""
     uid = getattr(conn.state, "peer_uid", None)
-    if uid is None:  # not a unix socket: only the unix socket is served so far
-        return Identity(username="unknown", protocol="tls")
-    return from_uid(uid)
+    if uid is not None:
+        return from_uid(uid)
+    h = conn.headers
+    return Identity(username=h.get(relay.USER_HEADER, "cluster"), protocol=h.get(relay.PROTOCOL_HEADER, "cluster"))
+
+
+class MemberAuth:
+    """Requests that did not come over the unix socket (the member-to-member listener) must carry the
+    cluster token; anything else is refused before it reaches a route."""
+
+    def __init__(self, app: ASGIApp, token: str | None) -> None:
+        self.app = app
+        self.token = (token or "").encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and scope.get("state", {}).get("peer_uid") is None:
+            given = dict(scope.get("headers") or []).get(relay.TOKEN_HEADER.lower().encode(), b"")
+            if not self.token or not hmac.compare_digest(given, self.token):
+                body = envelope.error(403, "not authorized")
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.http.response.start", "status": 403,
+                                "headers": [(b"content-type", b"application/json")]})
+                    await send({"type": "websocket.http.response.body", "body": body.body})
+                else:
+                    await body(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def check_project(conn: Request | WebSocket, allow_all: bool = False) -> str | None:
@@ -70,8 +97,9 @@ async def json_body(request: Request) -> dict[str, Any]:
     return body
 
 
-def create_app(backend: NodeService) -> FastAPI:
+def create_app(backend: Frontend, cluster_token: str | None = None) -> FastAPI:
     app = FastAPI(title="execbroker", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    app.add_middleware(MemberAuth, token=cluster_token)
 
     @app.exception_handler(ApiError)
     async def _api_error(_req: Request, exc: ApiError) -> Response:
@@ -115,42 +143,56 @@ def create_app(backend: NodeService) -> FastAPI:
             raise NotFound("Project not found")
         return envelope.sync(_project())
 
+    # -- cluster ------------------------------------------------------------------------------------
+    @app.get("/1.0/cluster")
+    async def cluster() -> Response:
+        return envelope.sync(backend.cluster())
+
+    @app.get("/1.0/cluster/members")
+    async def members(request: Request) -> Response:
+        return envelope.sync(backend.members(recursion(request)))
+
+    @app.get("/1.0/cluster/members/{name}")
+    async def member(name: str) -> Response:
+        return envelope.sync(backend.member(name))
+
     # -- instances ----------------------------------------------------------------------------------
     @app.get("/1.0/instances")
     async def instances(request: Request) -> Response:
         check_project(request, allow_all=True)
-        return envelope.sync(backend.list_instances(recursion(request)))
+        return envelope.sync(await backend.list_instances(recursion(request)))
 
     @app.post("/1.0/instances")
     async def create_instance(request: Request) -> Response:
         check_project(request)
-        return envelope.async_op(backend.create_instance(await json_body(request), identity(request)))
+        return envelope.async_op(await backend.create_instance(await json_body(request), identity(request),
+                                                               request.query_params.get("target")))
 
     @app.get("/1.0/instances/{name}")
     async def get_instance(name: str, request: Request) -> Response:
         check_project(request)
-        return envelope.sync(backend.get_instance(name, max(1, recursion(request))))
+        return envelope.sync(await backend.get_instance(name, max(1, recursion(request))))
 
     @app.patch("/1.0/instances/{name}")
     async def patch_instance(name: str, request: Request) -> Response:
         check_project(request)
-        backend.update_instance(name, await json_body(request), identity(request))
+        await backend.update_instance(name, await json_body(request), identity(request))
         return envelope.sync()
 
     @app.delete("/1.0/instances/{name}")
     async def delete_instance(name: str, request: Request) -> Response:
         check_project(request)
-        return envelope.async_op(backend.delete_instance(name, identity(request)))
+        return envelope.async_op(await backend.delete_instance(name, identity(request)))
 
     @app.get("/1.0/instances/{name}/state")
     async def get_state(name: str, request: Request) -> Response:
         check_project(request)
-        return envelope.sync(backend.get_instance_state(name))
+        return envelope.sync(await backend.get_instance_state(name))
 
     @app.put("/1.0/instances/{name}/state")
     async def put_state(name: str, request: Request) -> Response:
         check_project(request)
-        return envelope.async_op(backend.change_state(name, await json_body(request), identity(request)))
+        return envelope.async_op(await backend.change_state(name, await json_body(request), identity(request)))
 
     @app.post("/1.0/instances/{name:path}/exec")
     async def exec_(name: str, request: Request) -> Response:
@@ -158,17 +200,21 @@ def create_app(backend: NodeService) -> FastAPI:
         raw = await request.body()
         if len(raw) > MAX_BODY:
             raise BadRequest("http: request body too large")
-        return envelope.async_op(backend.exec(name, raw, identity(request)))
+        return envelope.async_op(await backend.exec(name, raw, identity(request)))
 
     @app.get("/1.0/instances/{name:path}/logs/exec-output")
     async def exec_outputs(name: str, request: Request) -> Response:
         check_project(request)
-        return envelope.sync(backend.exec_output_list(name))
+        return envelope.sync(await backend.exec_output_list(name))
 
     @app.get("/1.0/instances/{name:path}/logs/exec-output/{filename}")
     async def exec_output(name: str, filename: str, request: Request) -> Response:
         check_project(request)
-        fd = backend.exec_output_open(name, filename)
+        fetched = await backend.exec_output_fetch(name, filename)
+        headers = {"Content-Disposition": f"inline;filename={filename}"}
+        if isinstance(fetched, bytes):
+            return Response(fetched, media_type="application/octet-stream", headers=headers)
+        fd = fetched
         size = os.fstat(fd).st_size
 
         def chunks() -> Iterator[bytes]:
@@ -176,24 +222,24 @@ def create_app(backend: NodeService) -> FastAPI:
                 while block := f.read(1 << 20):
                     yield block
 
-        return StreamingResponse(chunks(), media_type="application/octet-stream", headers={
-            "Content-Length": str(size), "Content-Disposition": f"inline;filename={filename}"})
+        return StreamingResponse(chunks(), media_type="application/octet-stream",
+                                 headers={**headers, "Content-Length": str(size)})
 
     @app.delete("/1.0/instances/{name:path}/logs/exec-output/{filename}")
     async def delete_exec_output(name: str, filename: str, request: Request) -> Response:
         check_project(request)
-        backend.exec_output_delete(name, filename)
+        await backend.exec_output_delete(name, filename)
         return envelope.sync()
 
     # -- operations ---------------------------------------------------------------------------------
     @app.get("/1.0/operations")
     async def operations(request: Request) -> Response:
         project_name = check_project(request, allow_all=True)
-        return envelope.sync(backend.list_operations(recursion(request), project_name))
+        return envelope.sync(await backend.list_operations(recursion(request), project_name))
 
     @app.get("/1.0/operations/{op_id}")
     async def operation(op_id: str) -> Response:
-        return envelope.sync(backend.get_operation(op_id))
+        return envelope.sync(await backend.get_operation(op_id))
 
     @app.delete("/1.0/operations/{op_id}")
     async def cancel_operation(op_id: str) -> Response:
@@ -207,7 +253,7 @@ def create_app(backend: NodeService) -> FastAPI:
             timeout = float(int(raw))
         except ValueError:
             raise ApiError(f'strconv.Atoi: parsing "{raw}": invalid syntax', 500) from None
-        backend.get_operation(op_id)  # 404 before the 200 headers go out
+        await backend.get_operation(op_id)  # 404 before the 200 headers go out
 
         async def body() -> Any:
             op = await backend.wait_operation(op_id, None if timeout < 0 else timeout)
@@ -218,10 +264,26 @@ def create_app(backend: NodeService) -> FastAPI:
 
     @app.websocket("/1.0/operations/{op_id}/websocket")
     async def operation_websocket(ws: WebSocket, op_id: str) -> None:
+        secret = ws.query_params.get("secret", "")
+        who = identity(ws)
         try:
-            session, fd = backend.claim_websocket(op_id, ws.query_params.get("secret", ""), identity(ws))
+            owner = await backend.websocket_owner(op_id)
+            if owner:  # another member runs it: dial it first, so its refusal is our refusal
+                if not secret:
+                    raise BadRequest("Missing websocket secret")
+                upstream = await relay.dial(owner, op_id, secret, who, cluster_token or "")
+            else:
+                session, fd = backend.claim_websocket(op_id, secret, who)
         except ApiError as exc:
             await ws.send_denial_response(envelope.from_exception(exc))
+            return
+        if owner:
+            try:
+                await ws.accept()
+            except BaseException:
+                await upstream.close()
+                raise
+            await relay.relay(ws, upstream)
             return
         try:
             await ws.accept()

@@ -47,12 +47,23 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
-class ApiServer:
-    """uvicorn without its signal handling, on an already bound socket."""
+def bind_tcp(host: str) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
 
-    def __init__(self, app: FastAPI, path: Path, mode: int = 0o660) -> None:
+
+class ApiServer:
+    """uvicorn without its signal handling, on already bound sockets: the node's unix socket and,
+    in a cluster, a TCP listener for member-to-member traffic (``member_host``, ephemeral port)."""
+
+    def __init__(self, app: FastAPI, path: Path, mode: int = 0o660, member_host: str | None = None) -> None:
         self.path = path
         self._sock = bind_unix(path, mode)
+        self._tcp = bind_tcp(member_host) if member_host else None
         config = uvicorn.Config(
             app,
             http=PeerCredH11Protocol,
@@ -71,11 +82,20 @@ class ApiServer:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[self._sock]))
+        sockets = [self._sock] + ([self._tcp] if self._tcp is not None else [])
+        self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=sockets))
         while not self._server.started:
             if self._task.done():
                 self._task.result()
             await asyncio.sleep(0.01)
+
+    @property
+    def member_address(self) -> str:
+        """host:port of the member listener ("" without one)."""
+        if self._tcp is None:
+            return ""
+        host, port = self._tcp.getsockname()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     async def stop(self) -> None:
         self._server.should_exit = True
@@ -83,5 +103,7 @@ class ApiServer:
             with contextlib.suppress(Exception):
                 await self._task
         self._sock.close()
+        if self._tcp is not None:
+            self._tcp.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()

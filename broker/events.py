@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from broker import timefmt
@@ -52,10 +52,14 @@ class Listener:
         return await self._queue.get()
 
 
+Observer = Callable[[str, dict[str, Any], str], None]
+
+
 class EventHub:
     def __init__(self, location: str = "none") -> None:
         self.location = location
         self._listeners: set[Listener] = set()
+        self.observers: list[Observer] = []  # see every event of local origin (cluster fan-out)
 
     def subscribe(self, types: Iterable[str], project: str | None = "default") -> Listener:
         listener = Listener(frozenset(types), project)
@@ -67,7 +71,11 @@ class EventHub:
         listener.close()
 
     def publish(self, event_type: str, metadata: dict[str, Any], project: str = "default",
-                location: str | None = None) -> None:
+                location: str | None = None, forwarded: bool = False) -> None:
+        """Deliver to the listeners; events of local origin (not ``forwarded``) also go to observers."""
+        if not forwarded:
+            for observe in self.observers:
+                observe(event_type, metadata, project)
         event: dict[str, Any] = {
             "type": event_type,
             "timestamp": timefmt.rfc3339(timefmt.now()),

@@ -129,10 +129,12 @@ class OperationRegistry:
         location: str,
         on_change: Callable[[Operation], None],
         retention: float = 5.0,
+        on_expire: Callable[[str], None] | None = None,
     ) -> None:
         self.location = location
         self.retention = retention
         self._on_change = on_change
+        self._on_expire = on_expire
         self._ops: dict[str, Operation] = {}
         self._done: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -204,6 +206,8 @@ class OperationRegistry:
         self._ops.pop(op_id, None)
         self._done.pop(op_id, None)
         self._expiry.pop(op_id, None)
+        if self._on_expire is not None:
+            self._on_expire(op_id)
 
     def get(self, op_id: str) -> Operation:
         try:

@@ -1,9 +1,13 @@
-"""``execbroker up``: start (or join) a Ray cluster, start this node's agent, serve until a signal."""
+"""``execbroker up``: start this node's Ray processes (a new cluster, or joining one with ``--address``),
+make sure the cluster's controller runs (it keeps one NodeAgent per node), wait for this node's agent to
+serve, create ``c1`` when the cluster has no instance, then serve until SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import secrets
 import signal
 import socket
 import sys
@@ -12,6 +16,7 @@ import time
 from pathlib import Path
 
 DEFAULT_DIR = "/var/lib/execbroker"
+NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
 
 
 def data_dir(arg: str | None) -> Path:
@@ -19,46 +24,65 @@ def data_dir(arg: str | None) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from node_agent.agent import NAMESPACE, NodeAgent, agent_name
-
     directory = data_dir(getattr(args, "dir", None))
     directory.mkdir(parents=True, exist_ok=True)
-    os.environ["EXECBROKER_DIR"] = str(directory)
-    address = getattr(args, "address", None) or "local"
-    server_name = getattr(args, "node_name", None) or socket.gethostname()
+    address = getattr(args, "address", None)
+    name = getattr(args, "node_name", None) or os.environ.get("EXECBROKER_NODE_NAME") or socket.gethostname()
+    if not NAME_RE.match(name):
+        print(f"execbroker: invalid node name {name!r}", file=sys.stderr)
+        return 2
+    clustered = bool(address) or bool(getattr(args, "cluster", False))
+    # A local cluster talks over loopback only; a joining node advertises the address given or Ray's pick.
+    node_ip = getattr(args, "node_ip", None) or ("127.0.0.1" if not address else _route_ip(address))
+    env = {
+        "EXECBROKER_DIR": str(directory),
+        "EXECBROKER_NODE_NAME": name,
+        "EXECBROKER_CLUSTERED": "1" if clustered else "",
+        "EXECBROKER_SOCKET_MODE": os.environ.get("EXECBROKER_SOCKET_MODE", "660"),
+        "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
+    }
+    os.environ.update(env)
+    _ensure_auth_token(head=not address)
+    # Ray reads RAY_AUTH_MODE when it is imported: import it only now.
+    import ray
+
+    from broker.raynode import RayNode, find_node_id
+    from node_agent.cluster_link import NAMESPACE, agent_name
+
     started = time.monotonic()
+    node = RayNode(head=not address, node_ip=node_ip, name=name, address=address,
+                   port=getattr(args, "port", None), env=env, log=directory / "ray.log")
 
     stop = threading.Event()
 
     def on_signal(_signum: int, _frame: object) -> None:
         stop.set()
 
-    local = address == "local"
-    # A local cluster talks over loopback only; a joining node uses the address Ray picks (or --node-ip).
-    node_ip = getattr(args, "node_ip", None) or ("127.0.0.1" if local else None)
-    ray.init(address=address, namespace=NAMESPACE, include_dashboard=False, log_to_driver=True,
-             logging_level="WARNING", configure_logging=True, _node_ip_address=node_ip)
-    # After ray.init: Ray installs its own SIGTERM handler, which would end us without a clean stop.
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    node.start()
     agent = None
     try:
-        node_id = ray.get_runtime_context().get_node_id()
-        agent = NodeAgent.options(
-            name=agent_name(node_id), namespace=NAMESPACE, max_concurrency=100_000,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-        ).remote(str(directory), server_name, clustered=not local,
-                 socket_mode=int(os.environ.get("EXECBROKER_SOCKET_MODE", "660"), 8))
+        ray.init(address=_wait_for_gcs(node), namespace=NAMESPACE, log_to_driver=False,
+                 logging_level="WARNING", _node_ip_address=node_ip)
+        # After ray.init: Ray installs its own SIGTERM handler, which would end us without a clean stop.
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        from node_agent.controller import ensure_controller
+
+        ensure_controller()
+        node_id = find_node_id(name)
+        agent = _wait_for_agent(agent_name(node_id))
         info = ray.get(agent.start.remote())
         default = os.environ.get("EXECBROKER_DEFAULT_INSTANCE", "c1")
-        if default:
+        if default and not address:
             ray.get(agent.ensure_instance.remote(default))
-        print(f"execbroker: serving on {info['socket']} (node {server_name}, driver {info['driver']}, "
-              f"ready in {time.monotonic() - started:.1f}s)", flush=True)
-        stop.wait()
+        print(f"execbroker: serving on {info['socket']} (member {name}, node {node_ip}, "
+              f"driver {info['driver']}, ready in {time.monotonic() - started:.1f}s)", flush=True)
+        if not address:
+            print(f"execbroker: other nodes join with: execbroker up --address {node.address}", flush=True)
+        while not stop.wait(1.0):
+            if not node.alive():
+                print("execbroker: the Ray node exited", file=sys.stderr, flush=True)
+                return 1
         print("execbroker: stopping", flush=True)
         return 0
     finally:
@@ -67,5 +91,65 @@ def run(args: argparse.Namespace) -> int:
                 ray.get(agent.shutdown.remote(), timeout=15)
             except Exception as exc:  # noqa: BLE001 - shutting down anyway
                 print(f"execbroker: agent shutdown: {exc}", file=sys.stderr)
-            ray.kill(agent)
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
+        node.stop()
+
+
+def _ensure_auth_token(head: bool) -> None:
+    """Ray token auth for every process of ours (DESIGN §1b): the mode explicit, and a token to share.
+
+    The head creates ``~/.ray/auth_token`` when no token exists; other hosts need the same token (copy
+    the file or set RAY_AUTH_TOKEN). ``RAY_AUTH_MODE=disabled`` set by the user is respected."""
+    mode = os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if mode != "token" or os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    path = Path.home() / ".ray" / "auth_token"
+    if head and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+
+
+def _route_ip(address: str) -> str:
+    """The local address that reaches the head (what Ray would advertise for this node)."""
+    host, _, port = address.rpartition(":")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((host.strip("[]"), int(port or 6379)))
+        return str(s.getsockname()[0])
+
+
+def _wait_for_gcs(node: object, timeout: float = 120.0) -> str:
+    """The head's GCS address once this node's ``ray start`` is up."""
+    from broker.raynode import RayNode
+
+    assert isinstance(node, RayNode) and node.address
+    host, _, port = node.address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        if not node.alive():
+            raise RuntimeError(f"`ray start` exited; see {node.log}")
+        try:
+            with socket.create_connection((host, int(port)), timeout=1):
+                break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Ray head {node.address} did not come up") from None
+            time.sleep(0.1)
+    return node.address
+
+
+def _wait_for_agent(name: str, timeout: float = 120.0):  # type: ignore[no-untyped-def]
+    import ray
+
+    from node_agent.cluster_link import NAMESPACE
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no agent {name} after {timeout}s") from None
+            time.sleep(0.1)

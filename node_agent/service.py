@@ -9,6 +9,7 @@ import hashlib
 import os
 import platform
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from node_agent.spawn import Process, SpawnRequest
 API_EXTENSIONS = [
     "container_exec_recording", "container_exec_signal_handling", "container_exec_user_group_cwd",
     "instances", "projects", "operation_description", "event_lifecycle", "event_location",
-    "event_project", "operations_get_query_all_projects", "operation_wait", "api_filtering",
+    "event_project", "operations_get_query_all_projects", "operation_wait", "api_filtering", "clustering",
 ]
 VERSION = "0.1.0"
 
@@ -43,10 +44,14 @@ class NodeService:
                  driver: str = "auto", retention: float = 5.0) -> None:
         self.data_dir = data_dir
         self.server_name = server_name
-        self.clustered = clustered
-        self.location = server_name if clustered else "none"
-        self.hub = EventHub(self.location)
-        self.ops = OperationRegistry(self.location, self._op_changed, retention)
+        self.hub = EventHub()
+        self.ops = OperationRegistry("none", self._op_changed, retention, on_expire=self._op_expired)
+        self.clustered = False
+        self.set_clustered(clustered)
+        # Cluster hooks (node_agent/cluster_link.py): directory bookkeeping of what this node owns.
+        self.on_op_created: Callable[[str], None] | None = None
+        self.on_op_expired: Callable[[str], None] | None = None
+        self.on_instance_deleted: Callable[[str], None] | None = None
         # One freezer cgroup tree per data dir: two brokers on a host may use the same instance names.
         tree = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:10]
         self.instances = InstanceManager(data_dir, driver=driver, cgroup_parent=f"execbroker-{tree}")
@@ -60,14 +65,30 @@ class NodeService:
         self.hub.close()
 
     def _op_changed(self, op: Operation) -> None:
+        if op.status == Status.PENDING and self.on_op_created is not None:
+            self.on_op_created(op.id)
         self.hub.publish("operation", render(op), project=op.project)
         if op.status.final:
             self.sessions.pop(op.id, None)
+
+    def _op_expired(self, op_id: str) -> None:
+        if self.on_op_expired is not None:
+            self.on_op_expired(op_id)
 
     def _lifecycle(self, action: str, name: str, requestor: Identity | None,
                    context: dict[str, Any] | None = None) -> None:
         self.hub.publish("lifecycle", ev.lifecycle(action, instance_url(name),
                                                    requestor.to_json() if requestor else None, context))
+
+    def set_clustered(self, clustered: bool) -> None:
+        """A node is a cluster member (``location`` = its name) once it was told so or a peer joined."""
+        self.clustered = self.clustered or clustered
+        self.location = self.server_name if self.clustered else "none"
+        self.hub.location = self.ops.location = self.location
+
+    def local_identity(self) -> Identity:
+        """The node acting on its own behalf (e.g. creating the default instance)."""
+        return Identity(username="root", protocol="unix")
 
     # -- server -------------------------------------------------------------------------------------
     def server_info(self, who: Identity) -> dict[str, Any]:
@@ -174,6 +195,8 @@ class NodeService:
 
         async def work() -> None:
             await self.instances.delete(name)
+            if self.on_instance_deleted is not None:
+                self.on_instance_deleted(name)
             self._lifecycle("instance-deleted", name, who)
 
         return self._task(name, "Deleting instance", who, work)
@@ -302,6 +325,15 @@ class NodeService:
         check_instance_name(name)
         self.instances.get(name)
         return exec_output.open_file(self.instances.exec_output_dir(name), filename)
+
+    def exec_output_read(self, name: str, filename: str) -> bytes:
+        """A recorded file's content (for another member, which cannot stream our fd)."""
+        with os.fdopen(self.exec_output_open(name, filename), "rb") as f:
+            return f.read()
+
+    def inventory(self) -> tuple[list[str], list[str]]:
+        """What this node owns, for the directory: instance names and live operation ids."""
+        return [i.name for i in self.instances.list()], [op.id for op in self.ops.list(None)]
 
     def exec_output_delete(self, name: str, filename: str) -> None:
         check_instance_name(name)

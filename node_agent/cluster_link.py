@@ -1,0 +1,218 @@
+"""ClusterLink: one agent's connection to the rest of the cluster, all over Ray.
+
+- membership: which members exist (directory) and which are alive (Ray's node table), refreshed every
+  ``PERIOD`` seconds; a member whose Ray node is dead is lost;
+- registration: the member record, its instances and live operations, re-sent whenever the directory's
+  incarnation changes (soft state);
+- fan-out: operation and lifecycle events of local origin, batched per loop tick, to every other alive
+  agent (one ordered stream of actor calls per peer, so each operation's events stay in order);
+- calls: ``call(member, method, *args)`` on another member's agent, with Ray failures mapped to a clear
+  503 naming the member.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from broker.errors import ApiError, Unavailable
+from node_agent.directory import DIRECTORY_NAME, make_actor
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "execbroker"
+PERIOD = 1.0
+
+
+def agent_name(node_id: str) -> str:
+    return f"agent-{node_id}"
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    name: str
+    node_id: str
+    address: str
+    alive: bool
+    instances: tuple[str, ...]
+
+
+def get_directory() -> Any:
+    return make_actor().options(name=DIRECTORY_NAME, namespace=NAMESPACE, get_if_exists=True,
+                                lifetime="detached").remote()
+
+
+class ClusterLink:
+    def __init__(self, name: str, node_id: str, address: str,
+                 inventory: Callable[[], tuple[list[str], list[str]]],
+                 on_member_lost: Callable[[str], None],
+                 on_members: Callable[[int], None] | None = None) -> None:
+        self.name = name
+        self.node_id = node_id
+        self.address = address
+        self._inventory = inventory
+        self._on_member_lost = on_member_lost
+        self._on_members = on_members
+        self.directory = get_directory()
+        self.members: dict[str, MemberInfo] = {}
+        self._epoch = ""
+        self._handles: dict[str, Any] = {}
+        self._events: list[tuple[str, dict[str, Any], str]] = []
+        self._ops_new: list[str] = []
+        self._ops_gone: list[str] = []
+        self._flush_scheduled = False
+        self._task: asyncio.Task[None] | None = None
+        self._refreshed = asyncio.Event()
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(PERIOD)
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001 - the next round tries again
+                log.exception("cluster refresh failed")
+
+    async def refresh(self) -> None:
+        """Re-register if the directory is new, then rebuild the member table."""
+        epoch = await self.directory.epoch.remote()
+        if epoch != self._epoch:
+            instances, ops = self._inventory()
+            epoch, clashes = await self.directory.register_member.remote(
+                self.name, self.node_id, self.address, instances, ops)
+            if clashes:
+                log.error("instances also owned by another member, not registered here: %s", clashes)
+            self._epoch = epoch
+        table = await self.directory.members.remote()
+        alive = await asyncio.get_running_loop().run_in_executor(None, _alive_node_ids)
+        before = self.members
+        self.members = {
+            name: MemberInfo(name, str(m["node_id"]), str(m["address"]), str(m["node_id"]) in alive,
+                             tuple(m["instances"]))  # type: ignore[arg-type]
+            for name, m in table.items()
+        }
+        for name, info in self.members.items():
+            old = before.get(name)
+            if not info.alive and (old is None or old.alive or old.node_id != info.node_id):
+                self._handles.pop(name, None)
+                self._on_member_lost(name)
+        if self._on_members is not None:
+            self._on_members(len(self.members))
+        self._refreshed.set()
+
+    # -- directory bookkeeping ----------------------------------------------------------------------
+    def op_created(self, op_id: str) -> None:
+        self._ops_new.append(op_id)
+        self._schedule_flush()
+
+    def op_expired(self, op_id: str) -> None:
+        self._ops_gone.append(op_id)
+        self._schedule_flush()
+
+    def instance_deleted(self, name: str) -> None:
+        self.directory.release_instance.remote(name, self.name)
+
+    async def claim_instance(self, name: str, member: str) -> None:
+        status, message = await self.directory.claim_instance.remote(name, member)
+        if status:
+            raise ApiError(message, status)
+
+    def release_instance(self, name: str, member: str) -> None:
+        self.directory.release_instance.remote(name, member)
+
+    async def locate_instance(self, name: str) -> str | None:
+        member: str | None = await self.directory.locate_instance.remote(name)
+        return member
+
+    async def locate_op(self, op_id: str) -> str | None:
+        member: str | None = await self.directory.locate_op.remote(op_id)
+        return member
+
+    # -- events fan-out -----------------------------------------------------------------------------
+    def local_event(self, event_type: str, metadata: dict[str, Any], project: str) -> None:
+        self._events.append((event_type, metadata, project))
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._ops_new:
+            self.directory.add_ops.remote(self.name, self._ops_new)
+            self._ops_new = []
+        if self._ops_gone:
+            self.directory.forget_ops.remote(self._ops_gone)
+            self._ops_gone = []
+        if self._events:
+            batch, self._events = self._events, []
+            for info in self.members.values():
+                if info.alive and info.name != self.name:
+                    handle = self._handle(info)
+                    if handle is not None:
+                        handle.receive_events.remote(self.name, batch)
+
+    # -- calls to other members ---------------------------------------------------------------------
+    def member(self, name: str) -> MemberInfo:
+        info = self.members.get(name)
+        if info is None:
+            raise Unavailable(f"Cluster member {name} is unknown")
+        return info
+
+    def _handle(self, info: MemberInfo) -> Any:
+        handle = self._handles.get(info.name)
+        if handle is None:
+            try:
+                handle = ray.get_actor(agent_name(info.node_id), namespace=NAMESPACE)
+            except ValueError:
+                return None
+            self._handles[info.name] = handle
+        return handle
+
+    async def call(self, member: str, method: str, *args: Any, timeout: float | None = None) -> Any:
+        """``method(*args)`` on ``member``'s NodeService; its ApiError is raised here as is."""
+        info = self.member(member)
+        if not info.alive:
+            raise Unavailable(f"Cluster member {member} is offline")
+        handle = self._handle(info)
+        if handle is None:
+            raise Unavailable(f"Cluster member {member} has no agent")
+        try:
+            ref = handle.call.remote(method, args)
+            status, value = await (asyncio.wait_for(ref, timeout) if timeout else ref)
+        except (RayActorError, GetTimeoutError, asyncio.TimeoutError) as exc:
+            self._handles.pop(member, None)
+            raise Unavailable(f"Cluster member {member} is unreachable: {type(exc).__name__}") from None
+        if status == "error":
+            raise ApiError(value[1], value[0])
+        return value
+
+    async def gather_peers(self, method: str, *args: Any) -> dict[str, Any]:
+        """``method(*args)`` on every other alive member; members that fail are left out."""
+        names = [i.name for i in self.members.values() if i.alive and i.name != self.name]
+        results = await asyncio.gather(*(self.call(n, method, *args) for n in names), return_exceptions=True)
+        return {n: r for n, r in zip(names, results) if not isinstance(r, BaseException)}
+
+
+def _alive_node_ids() -> set[str]:
+    return {str(n["NodeID"]) for n in ray.nodes() if n.get("Alive")}
+
