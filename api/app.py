@@ -184,6 +184,12 @@ def create_app(backend: Frontend, cluster_token: str | None = None) -> FastAPI:
         check_project(request)
         return envelope.async_op(await backend.delete_instance(name, identity(request)))
 
+    @app.get("/1.0/instances/{name}/snapshots")
+    async def snapshots(name: str, request: Request) -> Response:
+        check_project(request)
+        await backend.get_instance(name)  # 404 for an unknown instance; execbroker keeps no snapshots
+        return envelope.sync([])
+
     @app.get("/1.0/instances/{name}/state")
     async def get_state(name: str, request: Request) -> Response:
         check_project(request)

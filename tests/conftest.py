@@ -52,12 +52,20 @@ def processes_mentioning(text: str) -> list[tuple[int, str]]:
     return found
 
 
+def kill_all(procs: list[tuple[int, str]]) -> None:
+    for pid, _ in procs:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 @dataclass
-class Broker:
+class Endpoint:
+    """One node's API as a test sees it: its data dir (socket), the lxc client and raw HTTP on it."""
+
     base: Path
     data_dir: Path
-    proc: subprocess.Popen[str]
-    output: list[str] = field(default_factory=list)
 
     @property
     def socket(self) -> Path:
@@ -86,6 +94,12 @@ class Broker:
 
     def wait_op(self, op_url: str, timeout: int = 30) -> dict[str, Any]:
         return self.api("GET", f"{op_url}/wait?timeout={timeout}")["metadata"]
+
+
+@dataclass
+class Broker(Endpoint):
+    proc: subprocess.Popen[str] = field(default=None)  # type: ignore[assignment]
+    output: list[str] = field(default_factory=list)
 
 
 def _start_broker(base: Path) -> Broker:
@@ -145,7 +159,9 @@ def broker() -> Iterator[Broker]:
         try:
             wait_for(lambda: not processes_mentioning(str(base)), 30, "broker processes to exit")
         except AssertionError:
-            raise AssertionError(f"leaked processes: {processes_mentioning(str(base))}") from None
+            leaked = processes_mentioning(str(base))
+            kill_all(leaked)  # report, but leave nothing behind for the next run
+            raise AssertionError(f"leaked processes: {leaked}") from None
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -78,13 +78,17 @@ async def run(raw: Raw, instance: str, command: list[str], stdin: bytes = b"", *
     s0 = await raw.connect(op, "0")
     s1 = await raw.connect(op, "1")
     s2 = await raw.connect(op, "2")
-    try:  # the server may already have closed socket 0 when the command ignores stdin
-        if stdin:
-            await s0.send(stdin)
-        await s0.send("")
-    except ConnectionClosed:
-        pass
-    out, err = await asyncio.gather(read_stream(s1), read_stream(s2))
+
+    async def feed() -> None:
+        try:  # the server may already have closed socket 0 when the command ignores stdin
+            for i in range(0, len(stdin), 1 << 20):
+                await s0.send(stdin[i:i + (1 << 20)])
+            await s0.send("")
+        except ConnectionClosed:
+            pass
+
+    # stdin and the outputs at once, as real clients do: a command like cat needs both to flow
+    _, out, err = await asyncio.gather(feed(), read_stream(s1), read_stream(s2))
     final = await raw.wait(op["id"])
     for ws in (s0, s1, s2, ctl):
         await ws.close()

@@ -1,0 +1,106 @@
+"""A real 3-node execbroker cluster on this machine (deploy/local-cluster.sh: one `execbroker up` and one
+Ray node per member, each with its own data dir and socket), started once per test session.
+
+Ray's health checks are tuned so a lost node is declared dead within a few seconds. Instance `ic`
+lives on node3 and `ia` on node1: "local" tests talk to the owner, "forwarded" ones to another node.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Endpoint, kill_all, processes_mentioning, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "deploy" / "local-cluster.sh"
+FAST_HEALTH = {  # DESIGN §1: node death seen in ~2-3 s instead of ~12-14 s
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_initial_delay_ms": "1000",
+}
+
+
+@dataclass
+class Cluster:
+    base: Path
+    env: dict[str, str]
+
+    def node(self, k: int) -> Endpoint:
+        return Endpoint(base=self.base, data_dir=self.base / f"node{k}")
+
+    def script(self, *args: str, timeout: float = 300) -> str:
+        r = subprocess.run(["sh", str(SCRIPT), *args], env=self.env, capture_output=True, text=True,
+                           timeout=timeout)
+        assert r.returncode == 0, f"local-cluster.sh {args}: {r.stdout}\n{r.stderr}"
+        return r.stdout
+
+    def launch(self, name: str, target: str, via: int = 1) -> None:
+        op = self.node(via).api("POST", f"/1.0/instances?target={target}",
+                                {"name": name, "source": {"type": "image", "alias": "busybox"}, "start": True},
+                                status=202)
+        done = self.node(via).wait_op(op["operation"], 60)
+        assert done["status"] == "Success", done
+
+    def remove(self, name: str, via: int = 1) -> None:
+        ep = self.node(via)
+        op = ep.api("PUT", f"/1.0/instances/{name}/state", {"action": "stop", "force": True})
+        if op.get("operation"):
+            ep.wait_op(op["operation"], 60)
+        op = ep.api("DELETE", f"/1.0/instances/{name}")
+        if op.get("operation"):
+            ep.wait_op(op["operation"], 60)
+
+
+def _members_online(ep: Endpoint, n: int) -> bool:
+    try:
+        members = ep.api("GET", "/1.0/cluster/members?recursion=1")["metadata"]
+    except Exception:  # noqa: BLE001 - not up yet
+        return False
+    return len([m for m in members if m["status"] == "Online"]) == n
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    base = Path(tempfile.mkdtemp(prefix="ebc-", dir="/tmp"))
+    base.chmod(0o755)
+    (base / "home").mkdir()
+    env = {**os.environ, **FAST_HEALTH, "RAY_TMPDIR": str(base / "ray"), "EXECBROKER_DEFAULT_INSTANCE": "",
+           "EXECBROKER_SOCKET_MODE": "666"}
+    c = Cluster(base, env)
+    try:
+        c.script("up", "3", str(base))
+        wait_for(lambda: _members_online(c.node(1), 3), 60, "3 members online")
+        c.launch("ia", "node1")
+        c.launch("ic", "node3")
+        yield c
+    finally:
+        try:
+            for name in ("ia", "ic"):
+                try:
+                    c.remove(name)
+                except Exception:  # noqa: BLE001 - teardown continues; the leak check reports leftovers
+                    pass
+        finally:
+            subprocess.run(["sh", str(SCRIPT), "down", str(base)], env=env, capture_output=True, timeout=300)
+            try:
+                wait_for(lambda: not processes_mentioning(str(base)), 60, "cluster processes to exit")
+            except AssertionError:
+                leaked = processes_mentioning(str(base))
+                kill_all(leaked)  # report, but leave nothing behind for the next run
+                raise AssertionError(f"leaked processes: {leaked}") from None
+            shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(params=["local", "forwarded"])
+def via(request: pytest.FixtureRequest, cluster: Cluster) -> Endpoint:
+    """The node a test talks to about `ic` (on node3): node3 itself, or node1 forwarding to it."""
+    return cluster.node(3 if request.param == "local" else 1)

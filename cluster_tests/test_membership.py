@@ -1,0 +1,130 @@
+"""Cluster membership, placement, the directory and cross-node events and clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from websockets.asyncio.client import unix_connect
+
+from cluster_tests.conftest import Cluster
+from tests.wsutil import Raw, run
+
+
+def test_members_and_server_info(cluster: Cluster) -> None:
+    for k in (1, 2, 3):
+        ep = cluster.node(k)
+        info = ep.api("GET", "/1.0", status=200)["metadata"]["environment"]
+        assert info["server_clustered"] is True and info["server_name"] == f"node{k}"
+        members = ep.api("GET", "/1.0/cluster/members?recursion=1")["metadata"]
+        assert sorted(m["server_name"] for m in members) == ["node1", "node2", "node3"]
+        assert all(m["status"] == "Online" for m in members)
+    assert cluster.node(2).api("GET", "/1.0/cluster/members/node3")["metadata"]["status"] == "Online"
+    assert cluster.node(2).api("GET", "/1.0/cluster/members/nope")["error_code"] == 404
+    r = cluster.node(1).lxc("cluster", "list", "--format", "csv")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().count("ONLINE") == 3
+
+
+def test_instances_listed_everywhere_with_location(cluster: Cluster) -> None:
+    for k in (1, 2, 3):
+        insts = {i["name"]: i for i in cluster.node(k).api("GET", "/1.0/instances?recursion=1")["metadata"]}
+        assert insts["ic"]["location"] == "node3" and insts["ia"]["location"] == "node1"
+    r = cluster.node(2).lxc("list", "--format", "csv", "-c", "nsL")
+    assert "ic,RUNNING,node3" in r.stdout.decode(), r.stdout + r.stderr
+
+
+def test_lxc_on_node1_against_node3(cluster: Cluster) -> None:
+    ep = cluster.node(1)
+    r = ep.lxc("exec", "ic", "--", "sh", "-c", "hostname; echo err >&2; exit 3")
+    assert (r.returncode, r.stdout, r.stderr) == (3, b"ic\n", b"err\n")
+    data = bytes(range(256)) * 4096
+    r = ep.lxc("exec", "ic", "--", "cat", input=data)
+    assert r.stdout == data
+    assert ep.lxc("exec", "ic", "--", "no-such").returncode == 127
+
+
+def test_lxc_concurrent_forwarded(cluster: Cluster) -> None:
+    ep = cluster.node(2)
+
+    def one(i: int) -> bool:
+        r = ep.lxc("exec", "ic" if i % 2 else "ia", "--", "echo", str(i), timeout=120)
+        return r.returncode == 0 and r.stdout == f"{i}\n".encode()
+
+    with ThreadPoolExecutor(10) as pool:
+        assert all(pool.map(one, range(60)))
+
+
+async def test_events_from_every_node(cluster: Cluster) -> None:
+    listener = await unix_connect(str(cluster.node(2).socket), "ws://eb/1.0/events?type=operation",
+                                  compression=None)
+    _, _, _, op = await run(Raw(cluster.node(1).socket), "ic", ["true"])
+    seen = []
+    while not seen or seen[-1]["status_code"] < 200:
+        ev = json.loads(await asyncio.wait_for(listener.recv(), 15))
+        if ev["metadata"]["id"] == op["id"]:
+            assert ev["location"] == "node3"
+            seen.append(ev["metadata"])
+    assert seen[-1]["status"] == "Success" and seen[-1]["metadata"]["return"] == 0
+    assert all(m["status_code"] < 200 for m in seen[:-1])  # one final event, and it comes last
+    await listener.close()
+
+
+def test_operations_merged_and_routed(cluster: Cluster) -> None:
+    ep1, ep2 = cluster.node(1), cluster.node(2)
+    op = ep1.api("POST", "/1.0/instances/ic/exec", {"command": ["sleep", "0.1"]}, status=202)["metadata"]
+    assert op["location"] == "node3"
+    assert ep2.wait_op(f"/1.0/operations/{op['id']}")["metadata"]["return"] == 0
+    listing = ep2.api("GET", "/1.0/operations")["metadata"]
+    assert f"/1.0/operations/{op['id']}" in listing.get("success", [])
+    assert ep2.api("GET", f"/1.0/operations/{op['id']}")["metadata"]["location"] == "node3"
+
+
+def test_placement_and_name_clash(cluster: Cluster) -> None:
+    ep = cluster.node(1)
+    try:
+        cluster.launch("pl1", "node2")
+        assert ep.api("GET", "/1.0/instances/pl1")["metadata"]["location"] == "node2"
+        op = ep.api("POST", "/1.0/instances", {"name": "pl2", "source": {"alias": "busybox"}}, status=202)
+        assert ep.wait_op(op["operation"])["status"] == "Success"
+        # node1 and node3 hold one instance each (ia, ic), node2 held one (pl1): a tie, any but a 2nd on node2
+        where = ep.api("GET", "/1.0/instances/pl2")["metadata"]["location"]
+        assert where in ("node1", "node3")
+        clash = cluster.node(3).api("POST", "/1.0/instances", {"name": "pl1", "source": {"alias": "busybox"}})
+        assert clash["error_code"] == 409
+
+        def create(k: int) -> int:
+            return int(cluster.node(k).api("POST", "/1.0/instances", {"name": "race", "source": {}})["error_code"])
+
+        with ThreadPoolExecutor(3) as pool:
+            codes = sorted(pool.map(create, (1, 2, 3)))
+        assert codes == [0, 409, 409]
+    finally:
+        for name in ("pl1", "pl2", "race"):
+            cluster.remove(name)
+
+
+def test_directory_restart_loses_nothing(cluster: Cluster) -> None:
+    """Kill the directory actor: Ray restarts it empty, the agents re-register, routing still works."""
+    code = (
+        "import ray; ray.init(address='auto', namespace='execbroker', log_to_driver=False);"
+        "ray.kill(ray.get_actor('execbroker-directory'), no_restart=False)"
+    )
+    subprocess.run([sys.executable, "-c", code], env={**cluster.env, "RAY_ADDRESS": _head(cluster), "RAY_AUTH_MODE": "token"},
+                   check=True, capture_output=True, timeout=120)
+    from tests.conftest import wait_for
+
+    def routed() -> bool:
+        r = cluster.node(1).api("POST", "/1.0/instances/ic/exec", {"command": ["true"]})
+        return r.get("error_code") == 0
+
+    wait_for(routed, 30, "exec on ic routed again after the directory restart", interval=0.5)
+    assert cluster.node(2).api("GET", "/1.0/instances/ic")["metadata"]["location"] == "node3"
+
+
+def _head(cluster: Cluster) -> str:
+    log = (cluster.base / "node1" / "up.log").read_text()
+    return log.split("execbroker up --address ")[1].split()[0]

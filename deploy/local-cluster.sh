@@ -1,0 +1,86 @@
+#!/bin/sh
+# An N-node execbroker cluster on this machine, for trying it out (and for the cluster tests).
+#   deploy/local-cluster.sh up N [BASE]     start node1 (head) .. nodeN under BASE (default /tmp/execbroker-cluster)
+#   deploy/local-cluster.sh node K [BASE]   (re)start node K and join it to the running head
+#   deploy/local-cluster.sh kill K [BASE]   kill node K's broker and Ray processes at once (simulated host loss)
+#   deploy/local-cluster.sh down [BASE]     stop every node (instances keep running, as with `execbroker up`)
+# Each node has its own data dir BASE/nodeK (socket BASE/nodeK/unix.socket, log BASE/nodeK/up.log).
+# Use a node with:  LXD_DIR=BASE/node2 lxc exec c1 -- hostname
+set -eu
+here=$(cd "$(dirname "$0")/.." && pwd)
+eb=${EXECBROKER_BIN:-$here/.venv/bin/execbroker}
+cmd=${1:-}
+case "$cmd" in
+  up|node|kill) base=${3:-/tmp/execbroker-cluster} ;;
+  down) base=${2:-/tmp/execbroker-cluster} ;;
+  *) sed -n '2,8p' "$0" >&2; exit 2 ;;
+esac
+export RAY_TMPDIR=${RAY_TMPDIR:-$base/ray}
+
+wait_ready() {  # $1 node dir: until its log says it serves (or its broker died)
+  i=0
+  while ! grep -q "serving on" "$1/up.log" 2>/dev/null; do
+    if ! kill -0 "$(cat "$1/up.pid")" 2>/dev/null; then
+      echo "local-cluster: $(basename "$1") failed:" >&2; tail -20 "$1/up.log" >&2; return 1
+    fi
+    i=$((i + 1)); [ $i -gt 1800 ] && { echo "local-cluster: $(basename "$1") not ready" >&2; return 1; }
+    sleep 0.1
+  done
+}
+
+start_node() {  # $1 K, $2 extra args
+  dir=$base/node$1
+  mkdir -p "$dir"
+  : >"$dir/up.log"
+  # shellcheck disable=SC2086
+  setsid "$eb" up --dir "$dir" --node-name "node$1" $2 >>"$dir/up.log" 2>&1 </dev/null &
+  echo $! >"$dir/up.pid"
+}
+
+head_address() {
+  sed -n 's/.*execbroker up --address \([^ ]*\).*/\1/p' "$base/node1/up.log" | tail -1
+}
+
+stop_node() {  # $1 node dir
+  [ -f "$1/up.pid" ] || return 0
+  pid=$(cat "$1/up.pid")
+  kill -TERM "$pid" 2>/dev/null || return 0
+  i=0
+  while kill -0 "$pid" 2>/dev/null && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  rm -f "$1/up.pid"
+}
+
+case "$cmd" in
+  up)
+    n=${2:?usage: up N [BASE]}
+    mkdir -p "$base"
+    start_node 1 "--cluster"
+    wait_ready "$base/node1"
+    addr=$(head_address)
+    k=2  # one at a time: joins racing each other on 2 cores time out in Ray's node registration
+    while [ $k -le "$n" ]; do start_node $k "--address $addr"; wait_ready "$base/node$k"; k=$((k + 1)); done
+    echo "local-cluster: $n nodes up, head $addr"
+    k=1
+    while [ $k -le "$n" ]; do echo "  node$k: LXD_DIR=$base/node$k  (socket $base/node$k/unix.socket)"; k=$((k + 1)); done
+    ;;
+  node)
+    k=${2:?usage: node K [BASE]}
+    stop_node "$base/node$k"
+    start_node "$k" "--address $(head_address)"
+    wait_ready "$base/node$k"
+    echo "local-cluster: node$k up"
+    ;;
+  kill)
+    k=${2:?usage: kill K [BASE]}
+    pid=$(cat "$base/node$k/up.pid")
+    # The broker's Ray processes run in the process group of its `ray start` child.
+    for child in $(pgrep -P "$pid" 2>/dev/null); do kill -KILL -- "-$child" 2>/dev/null || true; done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    rm -f "$base/node$k/up.pid"
+    ;;
+  down)
+    for dir in $(ls -d "$base"/node* 2>/dev/null | sort -r); do stop_node "$dir"; done
+    echo "local-cluster: down"
+    ;;
+esac
