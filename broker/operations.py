@@ -180,10 +180,12 @@ class OperationRegistry:
         except asyncio.CancelledError:
             self._finish(op, Status.CANCELLED if op.status == Status.CANCELLING else Status.FAILURE, "Cancelled")
             raise
-        except ApiError as exc:
-            self._finish(op, Status.FAILURE, exc.message)
         except Exception as exc:  # noqa: BLE001 - every failure of a run function ends its operation
-            self._finish(op, Status.FAILURE, str(exc) or type(exc).__name__)
+            if op.status == Status.CANCELLING:  # whatever the cancelled work raised on its way out
+                self._finish(op, Status.CANCELLED)
+            else:
+                self._finish(op, Status.FAILURE, exc.message if isinstance(exc, ApiError) else
+                             (str(exc) or type(exc).__name__))
         else:
             self._finish(op, Status.CANCELLED if op.status == Status.CANCELLING else Status.SUCCESS)
         finally:

@@ -63,14 +63,20 @@ class RayNode:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:
             return
-        self.proc.send_signal(signal.SIGTERM)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            pass
+        # Whatever of its process group outlived it (Ray's dashboard and runtime-env agents can): ours.
+        try:
             os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
 
 
 def find_node_id(name: str, timeout: float = 60.0) -> str:

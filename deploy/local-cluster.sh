@@ -47,7 +47,7 @@ stop_node() {  # $1 node dir
   kill -TERM "$pid" 2>/dev/null || return 0
   i=0
   while kill -0 "$pid" 2>/dev/null && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
-  kill -KILL -- "-$pid" 2>/dev/null || true
+  kill -9 "-$pid" 2>/dev/null || true
   rm -f "$1/up.pid"
 }
 
@@ -75,8 +75,8 @@ case "$cmd" in
     k=${2:?usage: kill K [BASE]}
     pid=$(cat "$base/node$k/up.pid")
     # The broker's Ray processes run in the process group of its `ray start` child.
-    for child in $(pgrep -P "$pid" 2>/dev/null); do kill -KILL -- "-$child" 2>/dev/null || true; done
-    kill -KILL -- "-$pid" 2>/dev/null || true
+    for child in $(pgrep -P "$pid" 2>/dev/null); do kill -9 "-$child" 2>/dev/null || true; done
+    kill -9 "-$pid" 2>/dev/null || true
     rm -f "$base/node$k/up.pid"
     ;;
   down)

@@ -141,6 +141,11 @@ class ClusterLink:
         member: str | None = await self.directory.locate_instance.remote(name)
         return member
 
+    async def instance_counts(self) -> dict[str, int]:
+        """Instances per member, fresh from the directory (placement must not use a stale table)."""
+        table = await self.directory.members.remote()
+        return {name: len(m["instances"]) for name, m in table.items()}
+
     async def locate_op(self, op_id: str) -> str | None:
         member: str | None = await self.directory.locate_op.remote(op_id)
         return member

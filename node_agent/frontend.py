@@ -216,7 +216,7 @@ class Frontend:
         check_instance_name(name)
         if self.link is None:
             return self.local.create_instance(body, who)
-        member = self._place(target)
+        member = await self._place(target)
         await self.link.claim_instance(name, member)
         try:
             if member == self.name:
@@ -231,7 +231,8 @@ class Frontend:
             self._remember_op(op, member)
         return op
 
-    def _place(self, target: str | None) -> str:
+    async def _place(self, target: str | None) -> str:
+        """The target member, or the alive member with the fewest instances."""
         assert self.link is not None
         alive = {n: i for n, i in self.link.members.items() if i.alive}
         if target:
@@ -242,8 +243,8 @@ class Frontend:
             return target
         if not alive:
             return self.name
-        local_count = len(self.local.instances.list())
-        counts = {n: (local_count if n == self.name else len(i.instances)) for n, i in alive.items()}
+        fresh = await self.link.instance_counts()
+        counts = {n: fresh.get(n, 0) for n in alive}
         return min(sorted(counts), key=lambda n: counts[n])
 
     async def update_instance(self, name: str, body: dict[str, Any], who: Identity) -> None:

@@ -77,6 +77,7 @@ class ExecSession:
         self._process: Process | None = None
         self._pty_master: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._cancelled = False
 
     # -- operation metadata -------------------------------------------------------------------------
     def metadata(self) -> dict[str, object]:
@@ -106,7 +107,9 @@ class ExecSession:
 
     # -- lifecycle ----------------------------------------------------------------------------------
     async def cancel(self) -> None:
-        """DELETE of the operation: kill the command (its whole process group)."""
+        """DELETE of the operation: kill the command (its whole process group), or never start it."""
+        self._cancelled = True
+        self._ready.set()
         if self._process is not None:
             self._process.kill_group()
 
@@ -117,6 +120,8 @@ class ExecSession:
                 await asyncio.wait_for(self._ready.wait(), CONNECT_TIMEOUT)
             except asyncio.TimeoutError:
                 raise ApiError("Timed out waiting for websockets to connect") from None
+            if self._cancelled:
+                return
             code = await self._run_command()
             result = exit_result(code)
             op.extend_metadata({"return": result.code})
@@ -155,6 +160,8 @@ class ExecSession:
         finally:
             close_quietly(*set(child_fds))
         self.state.phase = Phase.RUNNING
+        if self._cancelled:  # DELETE arrived while the spawn was in flight
+            self._process.kill_group()
         if self._on_started is not None:
             self._on_started()
         if self.req.interactive:

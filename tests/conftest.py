@@ -35,20 +35,26 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float
 
 
 def processes_mentioning(text: str) -> list[tuple[int, str]]:
-    """Live processes whose command line mentions ``text`` (zombies excluded)."""
+    """Live processes whose command line or environment mentions ``text`` (zombies excluded).
+
+    The environment matters: Ray rewrites its workers' titles (``ray::NodeAgent``), but they keep the
+    EXECBROKER_DIR / RAY_TMPDIR of the test that started them."""
+    needle = text.encode()
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+                cmd = f.read()
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read()
             with open(f"/proc/{entry}/stat") as f:
                 state = f.read().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if text in cmd and state != "Z":
-            found.append((int(entry), cmd))
+        if (needle in cmd or needle in environ) and state != "Z":
+            found.append((int(entry), cmd.replace(b"\0", b" ").decode(errors="replace")))
     return found
 
 
