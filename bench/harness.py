@@ -1,0 +1,249 @@
+"""Benchmark plumbing: the broker under test (its own `execbroker up` in a temp dir), process checks,
+statistics and the result rows."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.wire import Api, run_exec
+
+BIN = Path(sys.executable).parent
+READY_TIMEOUT = 180.0
+
+
+# ---- results ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    """One line of the table: a figure, the baseline measured in the same run, and the target verdict."""
+
+    workload: str
+    metric: str
+    value: float | None
+    unit: str
+    baseline: float | None = None
+    baseline_label: str = ""
+    ratio: float | None = None  # value / baseline unless the workload says otherwise
+    target: str = ""
+    met: bool | None = None  # None: no target, or not measurable
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def ratio(value: float | None, baseline: float | None) -> float | None:
+    if value is None or not baseline:
+        return None
+    return value / baseline
+
+
+def percentile(samples: Sequence[float], p: float) -> float:
+    """Nearest-rank-interpolated percentile (p in 0..100)."""
+    data = sorted(samples)
+    if not data:
+        raise ValueError("no samples")
+    if len(data) == 1:
+        return data[0]
+    k = (len(data) - 1) * p / 100
+    lo = int(k)
+    hi = min(lo + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (k - lo)
+
+
+def summary_ms(samples: Sequence[float]) -> dict[str, float]:
+    """Seconds in, milliseconds out: p50/p95/p99/min/max and n."""
+    return {"p50": percentile(samples, 50) * 1e3, "p95": percentile(samples, 95) * 1e3,
+            "p99": percentile(samples, 99) * 1e3, "min": min(samples) * 1e3, "max": max(samples) * 1e3,
+            "mean": statistics.fmean(samples) * 1e3, "n": len(samples)}
+
+
+# ---- processes -------------------------------------------------------------------------------------------
+
+def processes_mentioning(text: str) -> list[tuple[int, str]]:
+    """Live processes whose command line mentions ``text`` (zombies excluded)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{entry}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmd and state != "Z":
+            found.append((int(entry), cmd))
+    return found
+
+
+def wait_gone(text: str, timeout: float) -> list[tuple[int, str]]:
+    """Wait until no process mentions ``text``; returns the leftovers (empty when clean)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = processes_mentioning(text)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
+def vm_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def nofile_limit(pid: int) -> str:
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                soft, hard = line.split()[3:5]
+                return f"{soft}/{hard}"
+    return "?"
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit (1000 sessions hold ~3000 websockets here)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+async def delete_instances(api: Api) -> list[str]:
+    """Stop (force) and delete every instance through the API; returns the errors met."""
+    errors = []
+    try:
+        names = [i["name"] for i in await api.get("/1.0/instances?recursion=1")]
+    except Exception as exc:  # noqa: BLE001
+        return [f"list instances: {exc}"]
+    for name in names:
+        try:
+            if (await api.get(f"/1.0/instances/{name}"))["status"] != "Stopped":
+                await api.finish(await api.call("PUT", f"/1.0/instances/{name}/state",
+                                                {"action": "stop", "force": True, "timeout": 30}))
+            await api.finish(await api.call("DELETE", f"/1.0/instances/{name}"))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"{name}: {exc}")
+    return errors
+
+
+# ---- the broker under test -------------------------------------------------------------------------------
+
+class BrokerProcess:
+    """`execbroker up` in a fresh temp dir (EXECBROKER_DIR, RAY_TMPDIR), in its own session."""
+
+    def __init__(self) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix="ebbench-", dir="/tmp"))
+        self.base.chmod(0o755)
+        self.data_dir = self.base / "data"
+        self.home = self.base / "home"  # lxc client config lives here, never in the caller's HOME
+        self.home.mkdir()
+        self.output: list[str] = []
+        self.proc: subprocess.Popen[str] | None = None
+        self.ready_s: float | None = None  # Popen -> "serving on"
+        self.first_exec_s: float | None = None  # Popen -> first successful exec
+        self.stop_s: float | None = None  # SIGTERM -> no process of it left
+        self.agent_pid: int | None = None
+        self.pid1: int | None = None
+        self._ready = threading.Event()
+
+    @property
+    def socket(self) -> str:
+        return str(self.data_dir / "unix.socket")
+
+    def lxc_env(self) -> dict[str, str]:
+        return {**os.environ, "LXD_DIR": str(self.data_dir), "HOME": str(self.home)}
+
+    def start(self) -> None:
+        """Popen `execbroker up`, then wait for its "serving on" line."""
+        env = {**os.environ, "EXECBROKER_DIR": str(self.data_dir), "RAY_TMPDIR": str(self.base / "ray"),
+               "EXECBROKER_SOCKET_MODE": "666", "PYTHONUNBUFFERED": "1"}
+        self._t0 = time.perf_counter()
+        self.proc = subprocess.Popen([str(BIN / "execbroker"), "up"], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+        threading.Thread(target=self._pump, daemon=True).start()
+        if not self._ready.wait(READY_TIMEOUT) or self.proc.poll() is not None:
+            self.kill()
+            raise RuntimeError("execbroker up did not start:\n" + "".join(self.output))
+        self.ready_s = time.perf_counter() - self._t0
+
+    def _pump(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.output.append(line)
+            if "serving on" in line:
+                self._ready.set()
+        self._ready.set()
+
+    async def first_exec(self, api: Api) -> None:
+        """The first successful exec after start (workload 'startup'), then the ids the workloads need."""
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                out = await run_exec(api, "c1", ["true"])
+                if out.code == 0:
+                    break
+                problem: Exception = RuntimeError(f"first exec: return {out.code} {out.err}")
+            except Exception as exc:  # noqa: BLE001 - not ready yet
+                problem = exc
+            if time.monotonic() > deadline:
+                raise problem
+            await asyncio.sleep(0.01)
+        self.first_exec_s = time.perf_counter() - self._t0
+        self.agent_pid = int((await api.get("/1.0"))["environment"]["server_pid"])
+        self.pid1 = int((await api.get("/1.0/instances/c1/state"))["pid"])
+
+    def stop(self) -> list[tuple[int, str]]:
+        """SIGTERM and wait; returns the processes of this broker still alive afterwards (empty when clean)."""
+        t0 = time.perf_counter()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        left = wait_gone(str(self.base), 30)
+        self.stop_s = time.perf_counter() - t0
+        return left
+
+    def kill(self) -> None:
+        """Last resort, only for the process group this bench started."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+
+    def cleanup_dir(self) -> None:
+        shutil.rmtree(self.base, ignore_errors=True)

@@ -1,0 +1,16 @@
+"""The workloads, in run order. Each module has NAME, TITLE and ``async def run(ctx) -> list[Row]``."""
+
+from bench.workloads import (
+    cluster,
+    exec_latency,
+    exec_rate,
+    keystroke,
+    lxc_exec,
+    sessions,
+    startup,
+    throughput,
+)
+
+# startup and cluster are special: startup's baseline runs before the broker starts, cluster after it stops.
+WORKLOADS = [exec_latency, lxc_exec, throughput, keystroke, sessions, exec_rate, startup, cluster]
+NAMES = [w.NAME for w in WORKLOADS]
