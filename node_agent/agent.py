@@ -9,7 +9,6 @@ EXECBROKER_NODE_NAME, EXECBROKER_SOCKET_MODE, EXECBROKER_CLUSTERED, EXECBROKER_D
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -107,12 +106,14 @@ class NodeAgent:
         return str(ray.util.get_node_ip_address())
 
     async def _watch_raylet(self) -> None:
-        """An agent whose raylet died is orphaned: end its sessions and exit rather than serve on."""
+        """An agent whose raylet died is orphaned: its node is lost to the cluster, so it exits at once.
+
+        No graceful shutdown: that would finish operations as if all were well. Exiting closes every
+        spawn connection (pid1 then kills those commands) and every relayed socket, and the other
+        members report the node's operations as failed."""
         while os.getppid() == self._parent:
             await asyncio.sleep(1.0)
-        log.error("raylet gone: ending every session and exiting")
-        with contextlib.suppress(Exception):
-            await self.shutdown()
+        log.error("raylet gone: exiting")
         os._exit(1)
 
     async def ready(self) -> bool:
@@ -122,10 +123,12 @@ class NodeAgent:
         if self.server is None:
             raise RuntimeError("not serving")
 
-    async def call(self, method: str, args: tuple[Any, ...]) -> tuple[str, Any]:
+    async def call(self, caller: str, method: str, args: tuple[Any, ...]) -> tuple[str, Any]:
         """Another member's front end calling our NodeService; errors travel as (status, message)."""
         if method not in REMOTE_METHODS:
             return "error", (400, f"unknown method {method}")
+        if self.link is not None:
+            await self.link.note_peer(caller)
         try:
             value = getattr(self.service, method)(*args)
             if asyncio.iscoroutine(value):

@@ -117,6 +117,13 @@ class ClusterLink:
             self._on_members(len(self.members))
         self._refreshed.set()
 
+    async def note_peer(self, name: str) -> None:
+        """A member called us: make sure it gets our events from now on, even if it joined since the
+        last refresh (a client of a just-joined node would otherwise miss the final event)."""
+        info = self.members.get(name)
+        if info is None or not info.alive:
+            await self.refresh()
+
     # -- directory bookkeeping ----------------------------------------------------------------------
     def op_created(self, op_id: str) -> None:
         self._ops_new.append(op_id)
@@ -202,7 +209,7 @@ class ClusterLink:
         if handle is None:
             raise Unavailable(f"Cluster member {member} has no agent")
         try:
-            ref = handle.call.remote(method, args)
+            ref = handle.call.remote(self.name, method, args)
             status, value = await (asyncio.wait_for(ref, timeout) if timeout else ref)
         except (RayActorError, GetTimeoutError, asyncio.TimeoutError) as exc:
             self._handles.pop(member, None)

@@ -1,0 +1,126 @@
+"""Two real hosts: two network namespaces joined by a veth pair whose addresses exist only inside this
+test, each with its own PID namespace; a Ray head and execbroker in one, a joining node in the other,
+and an exec forwarded between them over that link."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Endpoint, kill_all, processes_mentioning, wait_for
+
+EB = str(Path(sys.executable).parent / "execbroker")
+pytestmark = pytest.mark.skipif(shutil.which("ip") is None or os.geteuid() != 0,
+                                reason="needs root and iproute2")
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@dataclass
+class Host:
+    netns: str
+    address: str
+    proc: subprocess.Popen[str] | None = None
+    lines: list[str] = field(default_factory=list)
+
+    def start(self, *args: str, env: dict[str, str]) -> None:
+        # PID 1 of a new PID namespace: when it ends, the kernel ends everything the host started.
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.netns, "unshare", "-pf", "--mount-proc", EB, "up", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def serving(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError("broker exited:\n" + "".join(self.lines))
+        return any("serving on" in line for line in self.lines)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGTERM)  # unshare forwards nothing: signal the whole session
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+@pytest.fixture()
+def two_hosts() -> Iterator[tuple[Host, Host, Path]]:
+    tag = secrets.token_hex(3)
+    net = f"10.{200 + int(tag[:2], 16) % 50}.{int(tag[2:4], 16)}"
+    a, b = Host(f"eba-{tag}", f"{net}.1"), Host(f"ebb-{tag}", f"{net}.2")
+    base = Path(tempfile.mkdtemp(prefix="eb2h-", dir="/tmp"))
+    base.chmod(0o755)
+    (base / "home").mkdir()
+    try:
+        for h in (a, b):
+            ip("netns", "add", h.netns)
+            ip("-n", h.netns, "link", "set", "lo", "up")
+        ip("link", "add", f"va-{tag}", "type", "veth", "peer", "name", f"vb-{tag}")
+        for h, dev in ((a, f"va-{tag}"), (b, f"vb-{tag}")):
+            ip("link", "set", dev, "netns", h.netns)
+            ip("-n", h.netns, "addr", "add", f"{h.address}/24", "dev", dev)
+            ip("-n", h.netns, "link", "set", dev, "up")
+        yield a, b, base
+    finally:
+        for h in (b, a):
+            h.stop()
+        for h in (a, b):
+            subprocess.run(["ip", "netns", "del", h.netns], capture_output=True)
+        try:
+            wait_for(lambda: not processes_mentioning(str(base)), 30, "two-host processes to exit")
+        except AssertionError:
+            leaked = processes_mentioning(str(base))
+            kill_all(leaked)
+            raise AssertionError(f"leaked processes: {leaked}") from None
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_exec_forwarded_between_two_hosts(two_hosts: tuple[Host, Host, Path]) -> None:
+    a, b, base = two_hosts
+    env = {**os.environ, "RAY_TMPDIR": str(base / "ray"), "EXECBROKER_SOCKET_MODE": "666"}
+    a.start("--cluster", "--node-name", "hosta", "--node-ip", a.address, "--dir", str(base / "a"),
+            env={**env, "EXECBROKER_DEFAULT_INSTANCE": "c1"})
+    wait_for(a.serving, 180, "host a serving")
+    join = next(line.split("--address ")[1].split()[0] for line in a.lines if "--address" in line)
+    assert join.startswith(a.address)
+    b.start("--address", join, "--node-name", "hostb", "--node-ip", b.address, "--dir", str(base / "b"),
+            env={**env, "EXECBROKER_DEFAULT_INSTANCE": ""})
+    wait_for(b.serving, 180, "host b serving")
+
+    ep_b = Endpoint(base=base, data_dir=base / "b")
+    members = {m["server_name"]: m for m in ep_b.api("GET", "/1.0/cluster/members?recursion=1")["metadata"]}
+    assert a.address in members["hosta"]["url"]  # member traffic goes over the veth link
+    assert b.address in members["hostb"]["url"]
+    r = ep_b.lxc("exec", "c1", "--", "sh", "-c", "hostname; head -c 3000000 /dev/zero | wc -c; exit 6")
+    assert (r.returncode, r.stdout.split()) == (6, [b"c1", b"3000000"]), r.stderr
+    data = os.urandom(1 << 20)
+    assert ep_b.lxc("exec", "c1", "--", "cat", input=data).stdout == data
+    inst = ep_b.api("GET", "/1.0/instances/c1")["metadata"]
+    assert inst["location"] == "hosta"
+    # c1 lives in host a's PID namespace: stopping host a ends it; delete it first all the same
+    op = ep_b.api("PUT", "/1.0/instances/c1/state", {"action": "stop", "force": True})
+    ep_b.wait_op(op["operation"])
+    op = ep_b.api("DELETE", "/1.0/instances/c1")
+    assert ep_b.wait_op(op["operation"])["status"] == "Success"
