@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.wire import Api, run_exec
+# The test suite's leak check (command line or environment mentions a path): Ray renames its workers.
+from tests.conftest import processes_mentioning
 
 BIN = Path(sys.executable).parent
 READY_TIMEOUT = 180.0
@@ -74,24 +76,6 @@ def summary_ms(samples: Sequence[float]) -> dict[str, float]:
 
 
 # ---- processes -------------------------------------------------------------------------------------------
-
-def processes_mentioning(text: str) -> list[tuple[int, str]]:
-    """Live processes whose command line mentions ``text`` (zombies excluded)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{entry}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if text in cmd and state != "Z":
-            found.append((int(entry), cmd))
-    return found
-
 
 def wait_gone(text: str, timeout: float) -> list[tuple[int, str]]:
     """Wait until no process mentions ``text``; returns the leftovers (empty when clean)."""
