@@ -11,9 +11,6 @@ from typing import Any
 from bench.harness import BrokerProcess
 from bench.wire import Api
 
-LXD_SOCKET = "/var/lib/lxd/unix.socket"
-
-
 @dataclass
 class Context:
     quick: bool
@@ -39,10 +36,7 @@ class Context:
     def lxc(self, *args: str, real_lxd: bool = False, timeout: float = 120,
             **kw: Any) -> subprocess.CompletedProcess[bytes]:
         """The real Debian `lxc` client against the broker (LXD_DIR), or against real LXD."""
-        assert self.broker is not None
-        env = self.broker.lxc_env()
-        if real_lxd:
-            env.pop("LXD_DIR")
+        env = self._lxc_env(real_lxd)
         kw.setdefault("stdin", subprocess.DEVNULL)  # never the caller's terminal (it would go interactive)
         kw.setdefault("stdout", subprocess.DEVNULL)
         kw.setdefault("stderr", subprocess.PIPE)
@@ -51,14 +45,18 @@ class Context:
     def shell(self, script: str, real_lxd: bool | None = None,
               timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
         """``sh -c script``; with real_lxd set, `lxc` in it talks to the broker (False) or to real LXD (True)."""
-        env = None
-        if real_lxd is not None:
-            assert self.broker is not None
-            env = self.broker.lxc_env()
-            if real_lxd:
-                env.pop("LXD_DIR")
+        env = None if real_lxd is None else self._lxc_env(real_lxd)
         return subprocess.run(["sh", "-c", script], env=env, timeout=timeout, stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def _lxc_env(self, real_lxd: bool) -> dict[str, str]:
+        """The client's config in the bench's home; LXD_DIR names the broker, or is unset for real LXD
+        (/var/lib/lxd/unix.socket)."""
+        assert self.broker is not None
+        env = self.broker.lxc_env()
+        if real_lxd:
+            del env["LXD_DIR"]
+        return env
 
     def check_lxd(self) -> bool:
         """Whether real LXD answers `lxc exec c1 -- true` (once per run)."""

@@ -155,7 +155,7 @@ class Api:
 
 @dataclass
 class Exec:
-    """A started exec with its websockets connected (control only when asked for)."""
+    """A started exec with its websockets connected (control only when interactive)."""
 
     api: Api
     op_id: str
@@ -179,7 +179,7 @@ class Exec:
 
 
 async def start_exec(api: Api, instance: str, argv: list[str], *, interactive: bool = False,
-                     control: bool | None = None, width: int = 80, height: int = 24) -> Exec:
+                     width: int = 80, height: int = 24) -> Exec:
     """POST with wait-for-websocket and connect its sockets: 0,1,2 (as pylxd); interactive: control, then 0
     (as the Go client). The command starts once the last required socket is in."""
     body = {"command": argv, "wait-for-websocket": True, "interactive": interactive, "environment": {},
@@ -190,7 +190,7 @@ async def start_exec(api: Api, instance: str, argv: list[str], *, interactive: b
     ex = Exec(api, op["id"])
     url = f"/1.0/operations/{op['id']}/websocket?secret="
     try:
-        if interactive or control:
+        if interactive:
             ex.ws["control"] = await api.websocket(url + fds["control"])
         names = ["0"] if interactive else ["0", "1", "2"]
         conns = await asyncio.gather(*(api.websocket(url + fds[n]) for n in names), return_exceptions=True)
