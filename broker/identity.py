@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import pwd
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ class Identity:
         return {"username": self.username, "protocol": self.protocol, "address": self.address}
 
 
+@functools.lru_cache(maxsize=256)
 def from_uid(uid: int) -> Identity:
     """Unix socket identity: the passwd name of the peer uid, or ``uid=<n>`` when unknown (spec §9.1)."""
     try:

@@ -39,7 +39,9 @@ class RayNode:
         self.name = name
         self.port = port or (free_port(node_ip) if head else None)
         self.address = f"{node_ip}:{self.port}" if head else address
-        self.env = {**os.environ, **(env or {})}
+        # Ray 2.60's `ray start --block` drains its node for up to 30 s on SIGTERM; our agents keep it
+        # busy, so a stop would always wait that long (measured: 30.5 s vs 1.9 s without the drain).
+        self.env = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **os.environ, **(env or {})}
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 

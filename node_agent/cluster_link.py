@@ -68,6 +68,7 @@ class ClusterLink:
         self._ops_new: list[str] = []
         self._ops_gone: list[str] = []
         self._flush_scheduled = False
+        self._peers = False  # another member exists: only then do operations go to the directory
         self._task: asyncio.Task[None] | None = None
         self._refreshed = asyncio.Event()
 
@@ -113,6 +114,10 @@ class ClusterLink:
             if not info.alive and (old is None or old.alive or old.node_id != info.node_id):
                 self._handles.pop(name, None)
                 self._on_member_lost(name)
+        peers = any(i.alive and n != self.name for n, i in self.members.items())
+        if peers and not self._peers:  # a first peer: from now on it may ask about our live operations
+            self.directory.add_ops.remote(self.name, self._inventory()[1])
+        self._peers = peers
         if self._on_members is not None:
             self._on_members(len(self.members))
         self._refreshed.set()
@@ -126,12 +131,14 @@ class ClusterLink:
 
     # -- directory bookkeeping ----------------------------------------------------------------------
     def op_created(self, op_id: str) -> None:
-        self._ops_new.append(op_id)
-        self._schedule_flush()
+        if self._peers:  # alone, nobody asks the directory: no Ray call per exec (~10% of its CPU)
+            self._ops_new.append(op_id)
+            self._schedule_flush()
 
     def op_expired(self, op_id: str) -> None:
-        self._ops_gone.append(op_id)
-        self._schedule_flush()
+        if self._peers:
+            self._ops_gone.append(op_id)
+            self._schedule_flush()
 
     def instance_deleted(self, name: str) -> None:
         self.directory.release_instance.remote(name, self.name)

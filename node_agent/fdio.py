@@ -7,6 +7,8 @@ import asyncio
 import errno
 import fcntl
 import os
+import struct
+import termios
 import time
 
 CHUNK = 1 << 20  # one read, one frame (pipes are enlarged to this size, so a read drains a full buffer)
@@ -50,6 +52,19 @@ async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, writable: bool,
             waiter.cancel()
 
 
+_INT = struct.Struct("i")
+
+
+def _readable(fd: int) -> int:
+    """How much to read: what is buffered (FIONREAD), at most CHUNK, so no 1 MiB buffer is allocated
+    (and shrunk) for a few bytes; 1 when nothing is buffered (the read then tells EOF from EAGAIN)."""
+    try:
+        n = _INT.unpack(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return CHUNK
+    return min(max(n, 1), CHUNK)
+
+
 class OutputReader:
     """Reads a command's stdout/stderr or PTY master until EOF, following spec §5.8: after the command
     exits, keep draining what is readable; a read that finds nothing means EOF; stop after EXIT_GRACE
@@ -67,7 +82,7 @@ class OutputReader:
             if self._exited.is_set() and self._exit_at is None:
                 self._exit_at = time.monotonic()
             try:
-                data = os.read(self.fd, CHUNK)
+                data = os.read(self.fd, _readable(self.fd))
             except BlockingIOError:
                 if self._exit_at is not None:
                     return b""
