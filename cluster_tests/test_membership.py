@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -128,3 +131,39 @@ def test_directory_restart_loses_nothing(cluster: Cluster) -> None:
 def _head(cluster: Cluster) -> str:
     log = (cluster.base / "node1" / "up.log").read_text()
     return log.split("execbroker up --address ")[1].split()[0]
+
+
+def test_plain_ray_start_node_gets_an_agent(cluster: Cluster) -> None:
+    """A node joined with plain `ray start` (no execbroker up): the controller gives it an agent, which
+    takes its settings from the node's environment and serves like any member."""
+    from broker.raynode import ray_binary
+    from tests.conftest import Endpoint, wait_for
+
+    data = cluster.base / "node4"
+    data.mkdir()
+    env = {**cluster.env, "RAY_AUTH_MODE": "token", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+           "EXECBROKER_DIR": str(data),
+           "EXECBROKER_NODE_NAME": "node4", "EXECBROKER_CLUSTERED": "1"}
+    proc = subprocess.Popen([ray_binary(), "start", "--block", f"--address={_head(cluster)}",
+                             "--labels=execbroker-name=node4", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    node4 = Endpoint(base=cluster.base, data_dir=data)
+    try:
+        wait_for(lambda: node4.socket.exists() and _online(cluster, "node4"), 120, "node4's agent online")
+        cluster.launch("i4", "node4")
+        r = cluster.node(1).lxc("exec", "i4", "--", "hostname")
+        assert r.stdout == b"i4\n", r.stderr
+        assert node4.api("GET", "/1.0")["metadata"]["environment"]["server_name"] == "node4"
+        cluster.remove("i4")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _online(cluster: Cluster, name: str) -> bool:
+    r = cluster.node(1).api("GET", f"/1.0/cluster/members/{name}")
+    return r.get("metadata", {}) is not None and (r.get("metadata") or {}).get("status") == "Online"

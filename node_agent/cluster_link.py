@@ -44,9 +44,18 @@ class MemberInfo:
     instances: tuple[str, ...]
 
 
+def head_affinity() -> dict[str, Any]:
+    """Scheduling options that prefer the head node: cluster-wide actors should not die with a worker."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    head = next((str(n["NodeID"]) for n in ray.nodes()
+                 if n.get("Alive") and "node:__internal_head__" in (n.get("Resources") or {})), None)
+    return {} if head is None else {"scheduling_strategy": NodeAffinitySchedulingStrategy(head, soft=True)}
+
+
 def get_directory() -> Any:
     return make_actor().options(name=DIRECTORY_NAME, namespace=NAMESPACE, get_if_exists=True,
-                                lifetime="detached").remote()
+                                lifetime="detached", **head_affinity()).remote()
 
 
 class ClusterLink:

@@ -16,7 +16,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from node_agent.agent import NodeAgent
-from node_agent.cluster_link import NAMESPACE, agent_name
+from node_agent.cluster_link import NAMESPACE, agent_name, get_directory, head_affinity
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +68,9 @@ class Controller:
 
 
 def ensure_controller() -> Any:
-    """The cluster's controller (created once, by whichever ``execbroker up`` comes first)."""
-    head = next((str(n["NodeID"]) for n in ray.nodes()
-                 if n.get("Alive") and "node:__internal_head__" in (n.get("Resources") or {})), None)
-    options: dict[str, Any] = {"name": CONTROLLER_NAME, "namespace": NAMESPACE, "get_if_exists": True,
-                               "lifetime": "detached"}
-    if head is not None:
-        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head, soft=True)
-    return Controller.options(**options).remote()  # type: ignore[attr-defined]
+    """The cluster's controller and directory (created once, by whichever ``execbroker up`` comes
+    first), both on the head node when it is there."""
+    get_directory()
+    return Controller.options(  # type: ignore[attr-defined]
+        name=CONTROLLER_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached", **head_affinity(),
+    ).remote()

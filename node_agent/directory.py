@@ -90,31 +90,63 @@ class DirectoryState:
         return {m.name: {"node_id": m.node_id, "address": m.address, "instances": sorted(m.instances)}
                 for m in self.members.values()}
 
+    def load_members(self, table: dict[str, dict[str, object]]) -> None:
+        """A restarted directory's memory of members (a lost one cannot re-register its instances)."""
+        for name, m in table.items():
+            member = Member(name, str(m["node_id"]), str(m["address"]), set(m["instances"]))  # type: ignore[arg-type]
+            self.members[name] = member
+            for inst in member.instances:
+                self.owner.setdefault(inst, name)
+
 
 def make_actor():  # type: ignore[no-untyped-def]
     import ray
 
+    import json
+
+    from ray.experimental import internal_kv
+
+    key = b"execbroker/directory-members"
+
     @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
     class Directory:
+        """The member table is also kept in the GCS key-value store: agents re-register what they own
+        when the directory restarts, but a member that is down meanwhile cannot, and its instances must
+        still read as offline (never as unknown)."""
+
         def __init__(self) -> None:
             self.state = DirectoryState()
+            saved = internal_kv._internal_kv_get(key)
+            if saved:
+                self.state.load_members(json.loads(saved))
+            self._saved = saved or b""
+
+        def _save(self) -> None:
+            table = json.dumps(self.state.member_table(), sort_keys=True).encode()
+            if table != self._saved:
+                internal_kv._internal_kv_put(key, table, overwrite=True)
+                self._saved = table
 
         def epoch(self) -> str:
             return self.state.epoch
 
         def register_member(self, name: str, node_id: str, address: str, instances: list[str],
                             ops: list[str]) -> tuple[str, list[str]]:
-            return self.state.epoch, self.state.register_member(name, node_id, address, instances, ops)
+            clashes = self.state.register_member(name, node_id, address, instances, ops)
+            self._save()
+            return self.state.epoch, clashes
 
         def claim_instance(self, name: str, member: str) -> tuple[int, str]:
             try:
                 self.state.claim_instance(name, member)
             except Conflict as exc:
                 return exc.status, exc.message
+            self._save()
             return 0, ""
 
         def release_instance(self, name: str, member: str) -> None:
             self.state.release_instance(name, member)
+            self._save()
 
         def locate_instance(self, name: str) -> str | None:
             return self.state.locate_instance(name)

@@ -103,15 +103,27 @@ def proc_stat(pid: int) -> list[bytes]:
     return stat[stat.rindex(b")") + 2:].split()  # after the command name, which may hold anything
 
 
+_RT_SIGACTION = {"x86_64": 13, "aarch64": 134}.get(os.uname().machine)
+
+
+def _default_disposition_raw(sig: int) -> None:
+    """SIG_DFL through the raw rt_sigaction system call: the C library refuses the signals it reserves
+    (32, 33), but an ignored disposition of them is inherited across exec all the same."""
+    if _RT_SIGACTION is None:
+        return
+    act = (ctypes.c_ulong * 4)()  # handler SIG_DFL (0), no flags, no restorer, empty mask
+    _libc.syscall(ctypes.c_long(_RT_SIGACTION), ctypes.c_int(sig), act, None, ctypes.c_size_t(8))
+
+
 def reset_signals() -> None:
     """Default dispositions and an empty mask: whatever the agent's (Ray worker's) process had set."""
-    for sig in signal.valid_signals():
+    for sig in range(1, signal.NSIG):  # not valid_signals(): it leaves out the C library's own (32, 33)
         if sig in (signal.SIGKILL, signal.SIGSTOP):
             continue
         try:
             signal.signal(sig, signal.SIG_DFL)
         except (OSError, ValueError):
-            pass  # signals reserved by the C library
+            _default_disposition_raw(sig)  # signals reserved by the C library
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 

@@ -332,3 +332,40 @@ def test_server_info(broker: Broker) -> None:
     r = broker.api("GET", "/1.0/nonsense")
     assert r["error_code"] == 404
 
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+async def test_slow_reader_pauses_the_command(raw: Raw, c1: str, broker: Broker) -> None:
+    """Backpressure: a client that does not read stdout stops the command at a full pipe; the agent
+    holds a bounded amount (no growth while the command is blocked), and everything flows once read."""
+    agent = broker.api("GET", "/1.0")["metadata"]["environment"]["server_pid"]
+    before = _rss_kib(agent)
+    size = 256 << 20
+    op = await raw.exec_op(c1, ["head", "-c", str(size), "/dev/zero"])
+    socks = {fd: await raw.connect(op, fd) for fd in ("0", "1", "2")}
+
+    def blocked_writer() -> bool:  # the command sleeps in pipe_write: nobody drains its stdout
+        for pid in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if f.read().split(b"\0")[:2] != [b"head", b"-c"]:
+                        continue
+                with open(f"/proc/{pid}/wchan") as f:
+                    return "pipe_write" in f.read()  # anon_pipe_write on newer kernels
+            except OSError:
+                continue
+        return False
+
+    from tests.conftest import wait_for
+    # If the agent kept reading into memory, head would write its 256 MiB and exit instead of blocking.
+    await asyncio.get_running_loop().run_in_executor(None, lambda: wait_for(blocked_writer, 30, "a blocked writer"))
+    assert _rss_kib(agent) - before < 32 << 10  # KiB: in flight is a pipe and socket buffers, not the output
+    got = len(await read_stream(socks["1"]))
+    assert got == size
+    assert (await raw.wait(op["id"]))["metadata"]["return"] == 0
+    for ws in socks.values():
+        await ws.close()
