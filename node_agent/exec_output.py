@@ -53,16 +53,21 @@ def list_files(directory: Path) -> list[str]:
     return sorted(n for n in os.listdir(directory) if _NAME.match(n))
 
 
-def open_file(directory: Path, name: str) -> int:
-    """An fd for reading a recorded file; refuses links at both levels."""
+def _open_dir(directory: Path, name: str) -> int:
+    """The exec-output directory, for a lookup of ``name`` (validated) in it, never through a link."""
     check_name(name)
     output_dir(directory, create=False)
     try:
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except FileNotFoundError:
         raise NotFound(f'Exec record-output file "{name}" not found') from None
     except OSError:
         raise ApiError(NOT_A_DIR, 400) from None
+
+
+def open_file(directory: Path, name: str) -> int:
+    """An fd for reading a recorded file; refuses links at both levels."""
+    dfd = _open_dir(directory, name)
     try:
         return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
     except FileNotFoundError:
@@ -74,12 +79,7 @@ def open_file(directory: Path, name: str) -> int:
 
 
 def delete_file(directory: Path, name: str) -> None:
-    check_name(name)
-    output_dir(directory, create=False)
-    try:
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise NotFound(f'Exec record-output file "{name}" not found') from None
+    dfd = _open_dir(directory, name)
     try:
         os.unlink(name, dir_fd=dfd)
     except FileNotFoundError:

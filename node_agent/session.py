@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import fcntl
 import logging
-import os
 import struct
 import termios
 from collections.abc import Awaitable, Callable

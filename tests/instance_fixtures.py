@@ -22,6 +22,7 @@ import pytest
 from node_agent.cgroups import Freezer
 from node_agent.instances import InstanceManager
 from node_agent.spawn import Process, SpawnRequest
+from tests.conftest import wait_for  # noqa: F401 - re-exported to the instance tests
 
 CGROUP_PARENT = f"execbroker-test-{os.getpid()}"
 DATA_PREFIX = "ebt"  # data dirs are /tmp/ebtXXXX: short, so spawn.sock fits in sun_path
@@ -35,17 +36,6 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the namespaces driver
 
 def unique_name(prefix: str = "t") -> str:
     return f"{prefix}{os.getpid()}-{next(_names)}"
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 async def async_wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> Any:

@@ -112,6 +112,6 @@ async def test_hub_order_filter_and_overflow() -> None:
     for i in range(events.QUEUE_LIMIT + 1):
         hub.publish("operation", {"i": i})
     assert slow.dropped
-    while (frame := await slow.next()) is not None:
+    while await slow.next() is not None:
         pass
     hub.close()
