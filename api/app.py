@@ -171,7 +171,8 @@ def create_app(backend: Frontend, cluster_token: str | None = None) -> FastAPI:
     @app.get("/1.0/instances/{name}")
     async def get_instance(name: str, request: Request) -> Response:
         check_project(request)
-        return envelope.sync(await backend.get_instance(name, max(1, recursion(request))))
+        # recursion=1 on one instance is the full form (state, snapshots), as with instance_get_full
+        return envelope.sync(await backend.get_instance(name, 2 if recursion(request) else 1))
 
     @app.patch("/1.0/instances/{name}")
     async def patch_instance(name: str, request: Request) -> Response:

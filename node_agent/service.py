@@ -29,7 +29,7 @@ from node_agent.spawn import Process, SpawnRequest
 API_EXTENSIONS = [
     "container_exec_recording", "container_exec_signal_handling", "container_exec_user_group_cwd",
     "instances", "projects", "operation_description", "event_lifecycle", "event_location",
-    "event_project", "operations_get_query_all_projects", "operation_wait", "api_filtering", "clustering",
+    "event_project", "operations_get_query_all_projects", "operation_wait", "api_filtering", "clustering", "container_full", "instance_get_full",
 ]
 VERSION = "0.1.0"
 

@@ -100,6 +100,8 @@ def test_list_shows_running(broker: Broker, c1: str) -> None:
     r = broker.lxc("list", "--format", "csv", "-c", "ns")
     assert r.returncode == 0, r.stderr
     assert "c1,RUNNING" in r.stdout.decode()
+    r = broker.lxc("list")  # the default columns need state and snapshots: the "full" instance path
+    assert r.returncode == 0 and "| c1   | RUNNING |" in r.stdout.decode(), r.stdout + r.stderr
 
 
 def test_concurrent_no_hang(broker: Broker, c1: str) -> None:
