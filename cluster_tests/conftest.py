@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Endpoint, kill_all, processes_mentioning, wait_for
+from tests.conftest import Endpoint, assert_no_leftovers, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "deploy" / "local-cluster.sh"
@@ -91,12 +91,7 @@ def cluster() -> Iterator[Cluster]:
                     pass
         finally:
             subprocess.run(["sh", str(SCRIPT), "down", str(base)], env=env, capture_output=True, timeout=300)
-            try:
-                wait_for(lambda: not processes_mentioning(str(base)), 60, "cluster processes to exit")
-            except AssertionError:
-                leaked = processes_mentioning(str(base))
-                kill_all(leaked)  # report, but leave nothing behind for the next run
-                raise AssertionError(f"leaked processes: {leaked}") from None
+            assert_no_leftovers(base, 60)
             shutil.rmtree(base, ignore_errors=True)
 
 

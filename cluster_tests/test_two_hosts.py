@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Endpoint, kill_all, processes_mentioning, wait_for
+from tests.conftest import Endpoint, assert_no_leftovers, wait_for
 
 EB = str(Path(sys.executable).parent / "execbroker")
 pytestmark = pytest.mark.skipif(shutil.which("ip") is None or os.geteuid() != 0,
@@ -88,12 +88,7 @@ def two_hosts() -> Iterator[tuple[Host, Host, Path]]:
             h.stop()
         for h in (a, b):
             subprocess.run(["ip", "netns", "del", h.netns], capture_output=True)
-        try:
-            wait_for(lambda: not processes_mentioning(str(base)), 30, "two-host processes to exit")
-        except AssertionError:
-            leaked = processes_mentioning(str(base))
-            kill_all(leaked)
-            raise AssertionError(f"leaked processes: {leaked}") from None
+        assert_no_leftovers(base, 30)
         shutil.rmtree(base, ignore_errors=True)
 
 

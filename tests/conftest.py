@@ -66,6 +66,17 @@ def kill_all(procs: list[tuple[int, str]]) -> None:
             pass
 
 
+def assert_no_leftovers(base: Path, timeout: float) -> None:
+    """The leak check of every fixture that starts brokers: nothing mentioning ``base`` survives its
+    teardown. Leftovers fail the run, and are killed so that they do not spoil the next one."""
+    try:
+        wait_for(lambda: not processes_mentioning(str(base)), timeout, f"processes of {base} to exit")
+    except AssertionError:
+        leaked = processes_mentioning(str(base))
+        kill_all(leaked)
+        raise AssertionError(f"leaked processes: {leaked}") from None
+
+
 @dataclass
 class Endpoint:
     """One node's API as a test sees it: its data dir (socket), the lxc client and raw HTTP on it."""
@@ -162,12 +173,7 @@ def broker() -> Iterator[Broker]:
         yield b
     finally:
         _stop_broker(b)
-        try:
-            wait_for(lambda: not processes_mentioning(str(base)), 30, "broker processes to exit")
-        except AssertionError:
-            leaked = processes_mentioning(str(base))
-            kill_all(leaked)  # report, but leave nothing behind for the next run
-            raise AssertionError(f"leaked processes: {leaked}") from None
+        assert_no_leftovers(base, 30)
         shutil.rmtree(base, ignore_errors=True)
 
 
