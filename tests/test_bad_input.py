@@ -1,0 +1,53 @@
+"""Bad input anywhere gets the Incus error envelope with a clear message, and the agent keeps serving."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import Broker
+
+pytestmark = pytest.mark.broker
+
+CASES = [
+    ("POST", "/1.0/instances", b"[]", 400),
+    ("POST", "/1.0/instances", b"{", 400),
+    ("POST", "/1.0/instances", b'{"name": 5}', 400),
+    ("POST", "/1.0/instances", b'{"name": "bad name!"}', 400),
+    ("POST", "/1.0/instances", b'{"name": "ok1", "source": {"alias": "nonexistent-image"}}', 400),
+    ("POST", "/1.0/instances", b'{"name": "ok2", "config": {"a": 1}}', 400),
+    ("POST", "/1.0/instances", b'{"name": "c1"}', 409),
+    ("PUT", "/1.0/instances/c1/state", b'{"action": "explode"}', 400),
+    ("PUT", "/1.0/instances/c1/state", b'{"action": "stop", "timeout": "soon"}', 400),
+    ("PUT", "/1.0/instances/nope/state", b'{"action": "start"}', 404),
+    ("PATCH", "/1.0/instances/c1", b'{"config": ["x"]}', 400),
+    ("PATCH", "/1.0/instances/c1", b"not json", 400),
+    ("DELETE", "/1.0/instances/c1", None, 400),
+    ("DELETE", "/1.0/instances/nope", None, 404),
+    ("GET", "/1.0/instances?recursion=x", None, 400),
+    ("GET", "/1.0/instances?project=p2", None, 404),
+    ("GET", "/1.0/operations?all-projects=true&project=default", None, 400),
+    ("GET", "/1.0/operations/nope", None, 404),
+    ("DELETE", "/1.0/operations/nope", None, 404),
+    ("GET", "/1.0/operations/nope/wait?timeout=1", None, 404),
+    ("POST", "/1.0/instances/c1/exec", b'{"command": "ls"}', 400),
+    ("POST", "/1.0/instances/c1/exec", b'{"command": ["ls"], "user": "root"}', 400),
+    ("POST", "/1.0/instances/c1/exec", b'{"command": ["ls"], "width": "wide"}', 400),
+    ("POST", "/1.0/instances/c1/exec", b'{"command": ["ls"], "environment": {"A": 1}}', 400),
+    ("POST", "/1.0/instances/c1/exec", b"x" * (1 << 20 + 1), 400),
+    ("GET", "/1.0/instances/c1/logs/exec-output/exec_..%2Fx.stdout", None, 404),  # no such route
+    ("GET", "/1.0/instances/c1/logs/exec-output/%2E%2E", None, 400),
+    ("DELETE", "/1.0/instances/c1/logs/exec-output/exec_nope.stdout", None, 404),
+    ("PUT", "/1.0/operations", None, 501),
+    ("GET", "/1.0/nothing/here", None, 404),
+    ("GET", "/1.0/cluster/members/nobody", None, 404),
+]
+
+
+@pytest.mark.parametrize("method, path, body, status", CASES)
+def test_error_envelope(broker: Broker, c1: str, method: str, path: str, body: bytes | None, status: int) -> None:
+    with broker.http() as c:
+        r = c.request(method, path, content=body)
+        assert r.status_code == status, r.text
+        doc = r.json()
+        assert doc["type"] == "error" and doc["error_code"] == status and doc["error"], doc
+        assert c.get("/1.0").status_code == 200  # still serving
