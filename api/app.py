@@ -273,24 +273,24 @@ def create_app(backend: Frontend, cluster_token: str | None = None) -> FastAPI:
     async def operation_websocket(ws: WebSocket, op_id: str) -> None:
         secret = ws.query_params.get("secret", "")
         who = identity(ws)
+        dialing: asyncio.Future[Any] | None = None
         try:
             owner = await backend.websocket_owner(op_id)
-            if owner:  # another member runs it: dial it first, so its refusal is our refusal
+            if owner:  # another member runs it
                 if not secret:
                     raise BadRequest("Missing websocket secret")
-                upstream = await relay.dial(owner, op_id, secret, who, cluster_token or "")
+                if backend.precheck_relay(op_id, secret, who):  # we forwarded it: dial while upgrading
+                    dialing = asyncio.ensure_future(relay.dial(owner, op_id, secret, who, cluster_token or ""))
+                else:  # dial first, so the owner's refusal is our refusal
+                    dialing = asyncio.get_running_loop().create_future()
+                    dialing.set_result(await relay.dial(owner, op_id, secret, who, cluster_token or ""))
             else:
                 session, fd = backend.claim_websocket(op_id, secret, who)
         except ApiError as exc:
             await ws.send_denial_response(envelope.from_exception(exc))
             return
-        if owner:
-            try:
-                await ws.accept()
-            except BaseException:
-                await upstream.close()
-                raise
-            await relay.relay(ws, upstream)
+        if dialing is not None:
+            await _relay_when_dialled(ws, dialing)
             return
         try:
             await ws.accept()
@@ -332,6 +332,24 @@ def create_app(backend: Frontend, cluster_token: str | None = None) -> FastAPI:
                 await ws.close()
 
     return app
+
+
+async def _relay_when_dialled(ws: WebSocket, dialing: asyncio.Future[Any]) -> None:
+    """Upgrade the client, then relay once the owner's socket is open (or close with 1011 if it is not)."""
+    try:
+        await ws.accept()
+    except BaseException:
+        dialing.cancel()
+        with contextlib.suppress(BaseException):
+            await (await dialing).close()
+        raise
+    try:
+        upstream = await dialing
+    except ApiError:
+        with contextlib.suppress(Exception):
+            await ws.close(1011)
+        return
+    await relay.relay(ws, upstream)
 
 
 async def _until_disconnect(ws: WebSocket) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from broker.errors import ApiError, BadRequest, NotFound, Unavailable
 from broker.events import Listener
-from broker.execspec import parse_exec_post
+from broker.execspec import find_socket, parse_exec_post
 from broker.identity import Identity
 from broker.operations import Status
 from node_agent.cluster_link import ClusterLink
@@ -36,6 +36,8 @@ class Frontend:
         self._owner_cache: dict[str, str] = {}
         self._op_owner: OrderedDict[str, str] = OrderedDict()
         self._remote_ops: OrderedDict[str, dict[str, Any]] = OrderedDict()  # last state seen, by op id
+        # websocket operations we forwarded: who asked, and which of their sockets we relay already
+        self._forwarded_ws: OrderedDict[str, tuple[Identity, set[str]]] = OrderedDict()
 
     # -- ownership ----------------------------------------------------------------------------------
     def _is_local_instance(self, name: str) -> bool:
@@ -78,7 +80,7 @@ class Frontend:
         self._op_owner.move_to_end(op["id"])
         self._remote_ops[op["id"]] = op
         self._remote_ops.move_to_end(op["id"])
-        for cache in (self._op_owner, self._remote_ops):
+        for cache in (self._op_owner, self._remote_ops, self._forwarded_ws):
             while len(cache) > REMOTE_OP_CACHE:
                 cache.popitem(last=False)
 
@@ -234,6 +236,8 @@ class Frontend:
     async def _place(self, target: str | None) -> str:
         """The target member, or the alive member with the fewest instances."""
         assert self.link is not None
+        if target and target not in self.link.members:
+            await self.link.refresh()  # it may have joined since the last refresh
         alive = {n: i for n, i in self.link.members.items() if i.alive}
         if target:
             if target not in self.link.members:
@@ -268,12 +272,15 @@ class Frontend:
         check_instance_name(name)
         parse_exec_post(body)  # validation steps 1-4 happen here, before any forwarding
         try:
-            return await self._forwarded_op(name, "exec", name, body, who)
+            op = await self._forwarded_op(name, "exec", name, body, who)
         except Unavailable:
             member = self._lost_owner(name)
             if member is None:
                 raise
             raise Unavailable(f"Instance {name} is on cluster member {member}, which is offline") from None
+        if op["class"] == "websocket" and op["location"] != self.local.location:
+            self._forwarded_ws[op["id"]] = (who, set())
+        return op
 
     async def exec_output_list(self, name: str) -> list[str]:
         return await self._on_instance(name, "exec_output_list", name)
@@ -316,6 +323,26 @@ class Frontend:
                 raise Unavailable(f"Cluster member {owner} is offline")
             return info.address
         return ""
+
+    def precheck_relay(self, op_id: str, secret: str, who: Identity) -> bool:
+        """For a websocket of an operation this node forwarded: the owner's checks (state, requestor,
+        secret, duplicate), made here from what the forward told us, so the client is upgraded while
+        the owner is dialled instead of after. False when we know too little: dial first."""
+        record, op = self._forwarded_ws.get(op_id), self._remote_ops.get(op_id)
+        if record is None or op is None:
+            return False
+        requestor, relayed = record
+        if op["status_code"] != int(Status.RUNNING):
+            raise ApiError("Only running operations can be connected", 500)
+        if not who.same_requestor(requestor):
+            raise ApiError("Requestor mismatch", 403)
+        fd = find_socket(op.get("metadata", {}).get("fds") or {}, secret)
+        if fd is None:
+            raise ApiError("Forbidden", 403)
+        if fd in relayed:
+            raise ApiError("Websocket number already connected", 409)
+        relayed.add(fd)
+        return True
 
     def claim_websocket(self, op_id: str, secret: str, who: Identity) -> tuple[ExecSession, str]:
         return self.local.claim_websocket(op_id, secret, who)
