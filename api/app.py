@@ -154,7 +154,7 @@ def create_app(backend: Frontend, cluster_token: str | None = None) -> FastAPI:
 
     @app.get("/1.0/cluster/members/{name}")
     async def member(name: str) -> Response:
-        return envelope.sync(backend.member(name))
+        return envelope.sync(await backend.member(name))
 
     # -- instances ----------------------------------------------------------------------------------
     @app.get("/1.0/instances")

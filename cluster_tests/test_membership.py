@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from websockets.asyncio.client import unix_connect
 
 from cluster_tests.conftest import Cluster
+from tests.conftest import Endpoint
 from tests.wsutil import Raw, run
 
 
@@ -137,7 +138,7 @@ def test_plain_ray_start_node_gets_an_agent(cluster: Cluster) -> None:
     """A node joined with plain `ray start` (no execbroker up): the controller gives it an agent, which
     takes its settings from the node's environment and serves like any member."""
     from broker.raynode import ray_binary
-    from tests.conftest import Endpoint, wait_for
+    from tests.conftest import wait_for
 
     data = cluster.base / "node4"
     data.mkdir()
@@ -149,8 +150,9 @@ def test_plain_ray_start_node_gets_an_agent(cluster: Cluster) -> None:
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     node4 = Endpoint(base=cluster.base, data_dir=data)
     try:
-        wait_for(lambda: node4.socket.exists() and _online(cluster, "node4"), 120, "node4's agent online")
-        cluster.launch("i4", "node4")
+        wait_for(lambda: node4.socket.exists() and _answers(node4), 120, "node4's agent serving")
+        cluster.launch("i4", "node4", via=2)  # at once: node2 must not answer from a stale member table
+        assert _online(cluster, "node4")
         r = cluster.node(1).lxc("exec", "i4", "--", "hostname")
         assert r.stdout == b"i4\n", r.stderr
         assert node4.api("GET", "/1.0")["metadata"]["environment"]["server_name"] == "node4"
@@ -162,6 +164,13 @@ def test_plain_ray_start_node_gets_an_agent(cluster: Cluster) -> None:
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _answers(ep: Endpoint) -> bool:
+    try:
+        return ep.api("GET", "/1.0").get("error_code") == 0
+    except Exception:  # noqa: BLE001 - not listening yet
+        return False
 
 
 def _online(cluster: Cluster, name: str) -> bool:

@@ -163,7 +163,9 @@ class Frontend:
             return [f"/1.0/cluster/members/{n}" for n in names]
         return [self._member_json(n) for n in names]
 
-    def member(self, name: str) -> dict[str, Any]:
+    async def member(self, name: str) -> dict[str, Any]:
+        if self.link is not None and name not in self.link.members:
+            await self.link.refresh()  # it may have joined since the last refresh
         if self.link is None or name not in self.link.members:
             raise NotFound("Cluster member not found")
         return self._member_json(name)
