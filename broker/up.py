@@ -14,6 +14,10 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from broker.raynode import RayNode
 
 DEFAULT_DIR = "/var/lib/execbroker"
 NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
@@ -120,11 +124,9 @@ def _route_ip(address: str) -> str:
         return str(s.getsockname()[0])
 
 
-def _wait_for_gcs(node: object, timeout: float = 120.0) -> str:
+def _wait_for_gcs(node: RayNode, timeout: float = 120.0) -> str:
     """The head's GCS address once this node's ``ray start`` is up."""
-    from broker.raynode import RayNode
-
-    assert isinstance(node, RayNode) and node.address
+    assert node.address
     host, _, port = node.address.rpartition(":")
     deadline = time.monotonic() + timeout
     while True:

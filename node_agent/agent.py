@@ -21,7 +21,7 @@ import ray
 from api.app import create_app
 from api.server import ApiServer
 from broker.errors import ApiError
-from node_agent.cluster_link import NAMESPACE, ClusterLink, agent_name
+from node_agent.cluster_link import ClusterLink
 from node_agent.frontend import Frontend
 from node_agent.service import NodeService
 
@@ -34,8 +34,6 @@ REMOTE_METHODS = frozenset({
     "delete_instance", "change_state", "exec", "exec_output_list", "exec_output_read", "exec_output_delete",
     "list_operations", "get_operation", "wait_operation", "cancel_operation",
 })
-
-__all__ = ["NAMESPACE", "NodeAgent", "agent_name"]
 
 
 def cluster_token() -> str:

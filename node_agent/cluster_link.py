@@ -79,7 +79,6 @@ class ClusterLink:
         self._flush_scheduled = False
         self._peers = False  # another member exists: only then do operations go to the directory
         self._task: asyncio.Task[None] | None = None
-        self._refreshed = asyncio.Event()
 
     # -- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -129,7 +128,6 @@ class ClusterLink:
         self._peers = peers
         if self._on_members is not None:
             self._on_members(len(self.members))
-        self._refreshed.set()
 
     async def note_peer(self, name: str) -> None:
         """A member called us: make sure it gets our events from now on, even if it joined since the
