@@ -41,11 +41,7 @@ class Frontend:
 
     # -- ownership ----------------------------------------------------------------------------------
     def _is_local_instance(self, name: str) -> bool:
-        try:
-            self.local.instances.get(name)
-        except NotFound:
-            return False
-        return True
+        return self.local.instances.exists(name)
 
     async def _instance_owner(self, name: str, fresh: bool = False) -> str:
         check_instance_name(name)
@@ -272,9 +268,9 @@ class Frontend:
     # -- exec ---------------------------------------------------------------------------------------
     async def exec(self, name: str, body: bytes, who: Identity) -> dict[str, Any]:
         check_instance_name(name)
-        parse_exec_post(body)  # validation steps 1-4 happen here, before any forwarding
+        post = parse_exec_post(body)  # validation steps 1-4 happen here, once, before any forwarding
         try:
-            op = await self._forwarded_op(name, "exec", name, body, who)
+            op = await self._forwarded_op(name, "exec", name, post, who)
         except Unavailable:
             member = self._lost_owner(name)
             if member is None:

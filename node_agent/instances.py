@@ -152,6 +152,11 @@ class InstanceManager:
     def get(self, name: str) -> Instance:
         return self._snapshot(self._record(name))
 
+    def exists(self, name: str) -> bool:
+        """Whether this node has ``name``, without working out its status (no /proc or cgroup reads)."""
+        self._ensure_loaded()
+        return name in self._records
+
     def exec_output_dir(self, name: str) -> Path:
         return self._dir(name) / "exec-output"
 

@@ -16,7 +16,7 @@ from typing import Any
 from broker import events as ev
 from broker.errors import ApiError, BadRequest
 from broker.events import EventHub, Listener
-from broker.execspec import ExecPost, build_environment, exit_result, parse_exec_post
+from broker.execspec import ExecPost, build_environment, exit_result
 from broker.identity import Identity
 from broker.operations import Operation, OperationRegistry, Status, render
 from node_agent import exec_output
@@ -245,10 +245,9 @@ class NodeService:
             raise BadRequest("Instance is not running")
         return inst
 
-    def exec(self, name: str, body: bytes, who: Identity) -> dict[str, Any]:
-        """POST /1.0/instances/{name}/exec → the rendered operation (the 202's metadata)."""
+    def exec(self, name: str, post: ExecPost, who: Identity) -> dict[str, Any]:
+        """POST /1.0/instances/{name}/exec (validated by the front end) → the rendered operation."""
         check_instance_name(name)
-        post = parse_exec_post(body)
         inst = self._running_instance(name)
         env = build_environment(post.environment, inst.config, post.user or 0,
                                 lambda p: self.instances.path_exists(name, p))
@@ -257,14 +256,11 @@ class NodeService:
             return self._exec_websocket(name, post, env, resources, who)
         return self._exec_task(name, post, env, {**resources, "containers": resources["instances"]}, who)
 
-    async def _spawn(self, name: str, req: SpawnRequest, fds: tuple[int, int, int]) -> Process:
-        return await self.instances.spawn(name, req, fds)
-
     def _exec_websocket(self, name: str, post: ExecPost, env: dict[str, str],
                         resources: dict[str, list[str]], who: Identity) -> dict[str, Any]:
         session = ExecSession(
             post, env,
-            spawn=lambda req, fds: self._spawn(name, req, fds),
+            spawn=lambda req, fds: self.instances.spawn(name, req, fds),
             open_pty=lambda: self.instances.open_pty(name),
             on_started=lambda: self._lifecycle("instance-exec", name, who, {"command": post.command}),
         )
