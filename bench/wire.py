@@ -17,6 +17,8 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, unix_connect
 from websockets.exceptions import ConnectionClosed
 
+from broker.client import open_sockets
+
 
 class WireError(Exception):
     pass
@@ -192,14 +194,7 @@ async def start_exec(api: Api, instance: str, argv: list[str], *, interactive: b
     try:
         if interactive:
             ex.ws["control"] = await api.websocket(url + fds["control"])
-        names = ["0"] if interactive else ["0", "1", "2"]
-        conns = await asyncio.gather(*(api.websocket(url + fds[n]) for n in names), return_exceptions=True)
-        for name, conn in zip(names, conns):
-            if isinstance(conn, ClientConnection):
-                ex.ws[name] = conn
-        for conn in conns:
-            if isinstance(conn, BaseException):
-                raise conn
+        await open_sockets(api.websocket, url, fds, ["0"] if interactive else ["0", "1", "2"], ex.ws)
     except BaseException:
         ex.abort()
         raise

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -267,6 +267,19 @@ class EventStream:
         await self._ws.close()
 
 
+async def open_sockets(opener: Callable[[str], Awaitable[ClientConnection]], url: str, fds: Mapping[str, str],
+                       names: Sequence[str], into: dict[str, ClientConnection]) -> None:
+    """Open the named exec sockets at once (``url`` + each one's secret). Those that opened are put in
+    ``into`` even when another failed, so the caller can close them; the first failure is raised."""
+    conns = await asyncio.gather(*(opener(url + fds[n]) for n in names), return_exceptions=True)
+    for name, conn in zip(names, conns):
+        if isinstance(conn, ClientConnection):
+            into[name] = conn
+    for conn in conns:
+        if isinstance(conn, BaseException):
+            raise conn
+
+
 class ExecSession:
     """A running exec: control messages out, the result in. Always ``await wait()`` or ``aclose()``."""
 
@@ -288,14 +301,7 @@ class ExecSession:
         if "control" in self._fds:
             self._ws["control"] = await self.client.websocket(url + self._fds["control"])
         names = [k for k in ("0", "1", "2") if k in self._fds]
-        conns = await asyncio.gather(*(self.client.websocket(url + self._fds[k]) for k in names),
-                                     return_exceptions=True)
-        for name, conn in zip(names, conns):
-            if isinstance(conn, ClientConnection):
-                self._ws[name] = conn
-        for conn in conns:
-            if isinstance(conn, BaseException):
-                raise conn
+        await open_sockets(self.client.websocket, url, self._fds, names, self._ws)
 
     def _start(self, stdin: Stdin, stdout_sink: Sink | None, stderr_sink: Sink | None) -> None:
         # Interactive without stdin: send nothing. A PTY has no EOF, and LXD 5.0 hangs the PTY up (SIGHUP,
