@@ -1,0 +1,1 @@
+"""The HTTP and websocket edge: routes, envelopes, request parsing, authentication, uvicorn."""

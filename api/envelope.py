@@ -7,7 +7,7 @@ from typing import Any
 
 from starlette.responses import Response
 
-from broker.errors import ApiError
+from core.errors import ApiError
 
 
 class JSONBody(Response):

@@ -6,7 +6,7 @@ import contextlib
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from broker.channel import ChannelClosed
+from core.channel import ChannelClosed
 
 
 class WebSocketChannel:
@@ -41,7 +41,7 @@ class WebSocketChannel:
         except (OSError, RuntimeError, WebSocketDisconnect) as exc:
             raise ChannelClosed(str(exc)) from None
 
-    async def close(self) -> None:
+    async def close(self, code: int = 1000) -> None:
         with contextlib.suppress(Exception):
-            await self._ws.close(1000)
+            await self._ws.close(code)
         self._gone = True

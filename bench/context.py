@@ -11,6 +11,7 @@ from typing import Any
 from bench.harness import BrokerProcess
 from bench.wire import Api
 
+
 @dataclass
 class Context:
     quick: bool

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.wire import Api, run_exec
+
 # The test suite's leak check (command line or environment mentions a path): Ray renames its workers.
 from tests.conftest import processes_mentioning
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from node_agent.cgroups import Freezer  # noqa: E402
-from node_agent.instances import InstanceManager  # noqa: E402
-from node_agent.spawn import SpawnRequest  # noqa: E402
+from node_agent.runtime.cgroups import Freezer  # noqa: E402
+from node_agent.runtime.instances import InstanceManager  # noqa: E402
+from node_agent.runtime.spawn import SpawnRequest  # noqa: E402
 
 ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
 

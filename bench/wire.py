@@ -17,7 +17,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, unix_connect
 from websockets.exceptions import ConnectionClosed
 
-from broker.client import open_sockets
+from client.exec_session import open_sockets
 
 
 class WireError(Exception):

@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
     # Ray reads RAY_AUTH_MODE when it is imported: import it only now.
     import ray
 
+    from broker.cluster_link import NAMESPACE, agent_name
     from broker.raynode import RayNode, find_node_id
-    from node_agent.cluster_link import NAMESPACE, agent_name
 
     started = time.monotonic()
     node = RayNode(head=not address, node_ip=node_ip, name=name, address=address,
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         # After ray.init: Ray installs its own SIGTERM handler, which would end us without a clean stop.
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        from node_agent.controller import ensure_controller
+        from broker.controller import ensure_controller
 
         ensure_controller()
         node_id = find_node_id(name)
@@ -145,7 +145,7 @@ def _wait_for_gcs(node: RayNode, timeout: float = 120.0) -> str:
 def _wait_for_agent(name: str, timeout: float = 120.0):  # type: ignore[no-untyped-def]
     import ray
 
-    from node_agent.cluster_link import NAMESPACE
+    from broker.cluster_link import NAMESPACE
 
     deadline = time.monotonic() + timeout
     while True:

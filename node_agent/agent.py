@@ -20,9 +20,9 @@ import ray
 
 from api.app import create_app
 from api.server import ApiServer
-from broker.errors import ApiError
-from node_agent.cluster_link import ClusterLink
-from node_agent.frontend import Frontend
+from broker.cluster_link import ClusterLink
+from broker.frontend import Frontend
+from core.errors import ApiError
 from node_agent.service import NodeService
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ import re
 import stat
 from pathlib import Path
 
-from broker.errors import ApiError, BadRequest, NotFound
+from core.errors import ApiError, BadRequest, NotFound
 
 _NAME = re.compile(r"^exec_[A-Za-z0-9-]+\.(stdout|stderr)$")
 NOT_A_DIR = "Exec output directory isn't a regular directory"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import platform
 from typing import Any
 
-from broker import timefmt
-from node_agent.instances import Instance
+from core import timefmt
+from node_agent.runtime.instances import Instance
 
 STATUS_CODE = {"Running": 103, "Stopped": 102, "Frozen": 110, "Error": 112}
 ARCH = platform.machine()

@@ -7,31 +7,22 @@ from __future__ import annotations
 
 import hashlib
 import os
-import platform
 import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from broker import events as ev
-from broker.errors import ApiError, BadRequest
-from broker.events import EventHub, Listener
-from broker.execspec import ExecPost, build_environment, exit_result
-from broker.identity import Identity
-from broker.operations import Operation, OperationRegistry, Status, render
-from node_agent import exec_output
-from node_agent.fdio import close_quietly
-from node_agent.instances import Instance, InstanceManager
+from core import events as ev
+from core.errors import BadRequest
+from core.events import EventHub, Listener
+from core.execspec import ExecPost
+from core.identity import Identity
+from core.operations import Operation, OperationRegistry, Status, render
+from node_agent.execs import Execs
 from node_agent.render import instance_url, render_instance, render_state
+from node_agent.runtime.instances import InstanceManager
+from node_agent.server_info import render_server
 from node_agent.session import ExecSession
-from node_agent.spawn import Process, SpawnRequest
-
-API_EXTENSIONS = [
-    "container_exec_recording", "container_exec_signal_handling", "container_exec_user_group_cwd",
-    "instances", "projects", "operation_description", "event_lifecycle", "event_location",
-    "event_project", "operations_get_query_all_projects", "operation_wait", "api_filtering", "clustering", "container_full", "instance_get_full",
-]
-VERSION = "0.1.0"
 
 
 def check_instance_name(name: str) -> None:
@@ -55,7 +46,7 @@ class NodeService:
         # One freezer cgroup tree per data dir: two brokers on a host may use the same instance names.
         tree = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:10]
         self.instances = InstanceManager(data_dir, driver=driver, cgroup_parent=f"execbroker-{tree}")
-        self.sessions: dict[str, ExecSession] = {}
+        self.execs = Execs(self.instances, self.ops, self._lifecycle)
 
     def start(self) -> None:
         self.instances.adopt()
@@ -69,7 +60,7 @@ class NodeService:
             self.on_op_created(op.id)
         self.hub.publish("operation", render(op), project=op.project)
         if op.status.final:
-            self.sessions.pop(op.id, None)
+            self.execs.finished(op.id)
 
     def _op_expired(self, op_id: str) -> None:
         if self.on_op_expired is not None:
@@ -92,44 +83,7 @@ class NodeService:
 
     # -- server -------------------------------------------------------------------------------------
     def server_info(self, who: Identity) -> dict[str, Any]:
-        uname = os.uname()
-        return {
-            "config": {},
-            "api_extensions": API_EXTENSIONS,
-            "api_status": "stable",
-            "api_version": "1.0",
-            "auth": "trusted",
-            "public": False,
-            "auth_methods": ["tls"],
-            "auth_user_name": who.username,
-            "auth_user_method": who.protocol,
-            "environment": {
-                "addresses": [],
-                "architectures": [platform.machine()],
-                "certificate": "",
-                "certificate_fingerprint": "",
-                "driver": "execbroker",
-                "driver_version": self.instances.driver_name,
-                "firewall": "",
-                "kernel": uname.sysname,
-                "kernel_architecture": uname.machine,
-                "kernel_features": {},
-                "kernel_version": uname.release,
-                "lxc_features": {},
-                "os_name": "execbroker",
-                "os_version": VERSION,
-                "project": "default",
-                "server": "execbroker",
-                "server_clustered": self.clustered,
-                "server_event_mode": "full-mesh",
-                "server_name": self.server_name,
-                "server_pid": os.getpid(),
-                "server_version": VERSION,
-                "storage": "dir",
-                "storage_version": "1",
-                "storage_supported_drivers": [],
-            },
-        }
+        return render_server(who, self.server_name, self.clustered, self.instances.driver_name)
 
     # -- instances ----------------------------------------------------------------------------------
     def list_instances(self, recursion: int) -> list[Any]:
@@ -237,104 +191,31 @@ class NodeService:
         return self._task(name, description, who, work)
 
     # -- exec ---------------------------------------------------------------------------------------
-    def _running_instance(self, name: str) -> Instance:
-        inst = self.instances.get(name)
-        if inst.status == "Frozen":
-            raise BadRequest("Instance is frozen")
-        if inst.status != "Running":
-            raise BadRequest("Instance is not running")
-        return inst
-
     def exec(self, name: str, post: ExecPost, who: Identity) -> dict[str, Any]:
-        """POST /1.0/instances/{name}/exec (validated by the front end) → the rendered operation."""
+        """POST /1.0/instances/{name}/exec (validated by the front end) -> the rendered operation."""
         check_instance_name(name)
-        inst = self._running_instance(name)
-        env = build_environment(post.environment, inst.config, post.user or 0,
-                                lambda p: self.instances.path_exists(name, p))
-        resources = {"instances": [instance_url(name)]}
-        if post.wait_for_websocket:
-            return self._exec_websocket(name, post, env, resources, who)
-        return self._exec_task(name, post, env, {**resources, "containers": resources["instances"]}, who)
-
-    def _exec_websocket(self, name: str, post: ExecPost, env: dict[str, str],
-                        resources: dict[str, list[str]], who: Identity) -> dict[str, Any]:
-        session = ExecSession(
-            post, env,
-            spawn=lambda req, fds: self.instances.spawn(name, req, fds),
-            open_pty=lambda: self.instances.open_pty(name),
-            on_started=lambda: self._lifecycle("instance-exec", name, who, {"command": post.command}),
-        )
-        op = self.ops.create("websocket", "Executing command", resources, session.metadata(), who,
-                             may_cancel=True)
-        self.sessions[op.id] = session
-        self.ops.start(op, session.run, session.cancel)
-        return render(op)
-
-    def _exec_task(self, name: str, post: ExecPost, env: dict[str, str],
-                   resources: dict[str, list[str]], who: Identity) -> dict[str, Any]:
-        op = self.ops.create("task", "Executing command", resources, {}, who, may_cancel=True)
-        proc: list[Process] = []
-
-        async def run(op: Operation) -> None:
-            devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-            out = err = devnull
-            meta: dict[str, Any] = {}
-            try:
-                if post.record_output:
-                    directory = self.instances.exec_output_dir(name)
-                    out, err, out_name, err_name = exec_output.create_files(directory, op.id)
-                    base = f"/1.0/instances/{name}/logs/exec-output"
-                    meta["output"] = {"1": f"{base}/{out_name}", "2": f"{base}/{err_name}"}
-                req = SpawnRequest(argv=list(post.command), env=env, cwd=post.cwd or "",
-                                   uid=post.user or 0, gid=post.group or 0)
-                try:
-                    p = await self.instances.spawn(name, req, (devnull, out, err))
-                except Exception as exc:
-                    raise ApiError(str(exc)) from None
-            finally:
-                close_quietly(*{devnull, out, err})
-            proc.append(p)
-            self._lifecycle("instance-exec", name, who, {"command": post.command})
-            try:
-                code = await p.wait()
-            finally:
-                p.close()
-            result = exit_result(code)
-            op.extend_metadata({**meta, "return": result.code})
-            if result.error:
-                raise ApiError(result.error)
-
-        async def cancel() -> None:
-            for p in proc:
-                p.kill_group()
-
-        self.ops.start(op, run, cancel)
-        return render(op)
+        return self.execs.start(name, post, who)
 
     def exec_output_list(self, name: str) -> list[str]:
         check_instance_name(name)
-        self.instances.get(name)
-        directory = self.instances.exec_output_dir(name)
-        return [f"/1.0/instances/{name}/logs/exec-output/{f}" for f in exec_output.list_files(directory)]
+        return self.execs.output_list(name)
 
     def exec_output_open(self, name: str, filename: str) -> int:
         check_instance_name(name)
-        self.instances.get(name)
-        return exec_output.open_file(self.instances.exec_output_dir(name), filename)
+        return self.execs.output_open(name, filename)
 
     def exec_output_read(self, name: str, filename: str) -> bytes:
         """A recorded file's content (for another member, which cannot stream our fd)."""
         with os.fdopen(self.exec_output_open(name, filename), "rb") as f:
             return f.read()
 
+    def exec_output_delete(self, name: str, filename: str) -> None:
+        check_instance_name(name)
+        self.execs.output_delete(name, filename)
+
     def inventory(self) -> tuple[list[str], list[str]]:
         """What this node owns, for the directory: instance names and live operation ids."""
         return [i.name for i in self.instances.list()], [op.id for op in self.ops.list(None)]
-
-    def exec_output_delete(self, name: str, filename: str) -> None:
-        check_instance_name(name)
-        self.instances.get(name)
-        exec_output.delete_file(self.instances.exec_output_dir(name), filename)
 
     # -- operations ---------------------------------------------------------------------------------
     def list_operations(self, recursion: int, project: str | None) -> dict[str, list[Any]]:
@@ -354,17 +235,7 @@ class NodeService:
 
     def claim_websocket(self, op_id: str, secret: str, who: Identity) -> tuple[ExecSession, str]:
         """All checks of spec §4.4, before the upgrade; the caller must attach or release."""
-        op = self.ops.get(op_id)
-        if op.cls != "websocket":
-            raise ApiError("Only websocket operations can be connected", 500)
-        if op.status != Status.RUNNING:
-            raise ApiError("Only running operations can be connected", 500)
-        if not who.same_requestor(op.requestor):
-            raise ApiError("Requestor mismatch", 403)
-        session = self.sessions.get(op_id)
-        if session is None:
-            raise ApiError("Only running operations can be connected", 500)
-        return session, session.claim(secret)
+        return self.execs.claim_websocket(self.ops.get(op_id), secret, who)
 
     # -- events -------------------------------------------------------------------------------------
     def subscribe(self, types: str | None, project: str | None) -> Listener:

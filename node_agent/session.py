@@ -15,13 +15,13 @@ import struct
 import termios
 from collections.abc import Awaitable, Callable
 
-from broker.channel import Channel, ChannelClosed
-from broker.errors import ApiError, SpawnError
-from broker.execspec import CONTROL, ExecPost, Resize, Signal, exit_result, parse_control
-from broker.operations import Operation
-from broker.session_state import Phase, SessionState
+from core.channel import Channel, ChannelClosed
+from core.errors import ApiError, SpawnError
+from core.execspec import CONTROL, ExecPost, Resize, Signal, exit_result, parse_control
+from core.operations import Operation
+from core.session_state import Phase, SessionState
 from node_agent.fdio import OutputReader, close_quietly, make_pipe, set_nonblocking, write_all
-from node_agent.spawn import Process, SpawnRequest
+from node_agent.runtime.spawn import Process, SpawnRequest
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from node_agent.cgroups import Freezer
-from node_agent.instances import InstanceManager
-from node_agent.spawn import Process, SpawnRequest
+from node_agent.runtime.cgroups import Freezer
+from node_agent.runtime.instances import InstanceManager
+from node_agent.runtime.spawn import Process, SpawnRequest
 from tests.conftest import wait_for  # noqa: F401 - re-exported to the instance tests
 
 CGROUP_PARENT = f"execbroker-test-{os.getpid()}"

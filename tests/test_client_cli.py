@@ -1,4 +1,4 @@
-"""broker.client and the ``execbroker`` CLI against a live Incus-API server.
+"""client.api and the ``execbroker`` CLI against a live Incus-API server.
 
 The server is taken from, in order: ``$EXECBROKER_TEST_SOCKET`` (+ ``$EXECBROKER_TEST_INSTANCE``, default ``c1``);
 an ``exec_target`` fixture returning ``(socket_path, instance)`` (any scope; e.g. in conftest.py
@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from broker.client import Client, ClientError, ExecResult
+from client.api import Client, ClientError, ExecResult
 
 pytestmark = pytest.mark.timeout(120)
 T = TypeVar("T")
@@ -185,7 +185,7 @@ TRAP_WINCH = 'trap "stty size; exit 0" WINCH; stty size; while :; do sleep 0.1; 
 
 
 def cli(t: Target, *args: str) -> list[str]:
-    return [sys.executable, "-m", "broker.cli", "--socket", t.socket, *args]
+    return [sys.executable, "-m", "client.cli", "--socket", t.socket, *args]
 
 
 def run_cli(t: Target, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
@@ -247,7 +247,7 @@ def test_cli_exec_error(target: Target, argv: list[str], code: int, message: byt
 def test_cli_errors(target: Target) -> None:
     p = run_cli(target, "start", "no-such-instance-x")
     assert (p.returncode, p.stderr) == (1, b"Error: Instance not found\n")
-    p = subprocess.run([sys.executable, "-m", "broker.cli", "--socket", "/nonexistent/sock", "list"],
+    p = subprocess.run([sys.executable, "-m", "client.cli", "--socket", "/nonexistent/sock", "list"],
                        capture_output=True, timeout=DEADLINE)
     assert p.returncode == 1 and p.stderr.startswith(b"Error: ")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from broker.errors import Conflict
-from node_agent.directory import DirectoryState
+from broker.directory import DirectoryState
+from core.errors import Conflict
 
 
 def test_claim_is_exclusive_and_release_frees() -> None:
@@ -43,7 +43,7 @@ def test_restart_from_saved_table_keeps_lost_members() -> None:
 
 
 def test_operation_table_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    from node_agent import directory
+    from broker import directory
     monkeypatch.setattr(directory, "OP_LIMIT", 3)
     d = DirectoryState()
     d.add_ops("a", ["1", "2", "3", "4"])

@@ -6,10 +6,18 @@ import json
 
 import pytest
 
-from broker.errors import BadRequest
-from broker.execspec import (
-    DEFAULT_PATH, Resize, Signal, build_environment, exit_result, find_socket, parse_control,
-    parse_exec_post, required_sockets, socket_secrets,
+from core.errors import BadRequest
+from core.execspec import (
+    DEFAULT_PATH,
+    Resize,
+    Signal,
+    build_environment,
+    exit_result,
+    find_socket,
+    parse_control,
+    parse_exec_post,
+    required_sockets,
+    socket_secrets,
 )
 
 

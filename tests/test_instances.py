@@ -16,13 +16,28 @@ from pathlib import Path
 
 import pytest
 
-from broker.errors import BadRequest, Conflict, NotFound
-from node_agent import cgroups
-from node_agent.cgroups import Freezer
-from node_agent.instances import InstanceManager
-from tests.instance_fixtures import (CGROUP_PARENT, ENV, async_wait_for, c1, cleanup_manager, data_dir,  # noqa: F401
-                                     leak_check, manager, needs_root, new_data_dir, pid_alive,
-                                     processes_mentioning, run, spawn_piped, unique_name, wait_for)
+from core.errors import BadRequest, Conflict, NotFound
+from node_agent.runtime import cgroups
+from node_agent.runtime.cgroups import Freezer
+from node_agent.runtime.instances import InstanceManager
+from tests.instance_fixtures import (  # noqa: F401
+    CGROUP_PARENT,
+    ENV,
+    async_wait_for,
+    c1,
+    cleanup_manager,
+    data_dir,
+    leak_check,
+    manager,
+    needs_root,
+    new_data_dir,
+    pid_alive,
+    processes_mentioning,
+    run,
+    spawn_piped,
+    unique_name,
+    wait_for,
+)
 
 pytestmark = [needs_root, pytest.mark.timeout(180)]
 
@@ -126,7 +141,7 @@ async def test_inside_view(manager: InstanceManager, c1: str) -> None:
     code, out, _ = await run(manager, c1, ["ps", "-o", "pid,comm"])
     rows = [line.split() for line in out.splitlines()[1:]]
     assert code == 0 and [pid for pid, _ in rows][0] == "1" and len(rows) == 2  # pid1 and ps itself
-    script = ("cat /proc/1/cmdline | tr '\\0' ' ' | grep -q pid1.py && echo proc-ok; "
+    script = ("cat /proc/1/cmdline | tr '\\0' ' ' | grep -q runtime/pid1 && echo proc-ok; "
               "echo x > /dev/null && head -c 4 /dev/zero | wc -c; "
               "test -c /dev/pts/ptmx && test -L /dev/ptmx && echo pts-ok; "
               "echo data > /tmp/f && cat /tmp/f; "
@@ -269,7 +284,7 @@ async def test_stale_state_is_not_adopted(manager: InstanceManager, c1: str, dat
 async def test_instance_survives_its_launcher(data_dir: Path) -> None:
     """The agent process that started an instance dies (SIGKILL): the instance lives on."""
     name = unique_name()
-    script = (f"import asyncio, sys; from pathlib import Path; from node_agent.instances import InstanceManager\n"
+    script = (f"import asyncio, sys; from pathlib import Path; from node_agent.runtime.instances import InstanceManager\n"
               f"m = InstanceManager(Path({str(data_dir)!r}), driver='namespaces', cgroup_parent={CGROUP_PARENT!r})\n"
               f"m.create({name!r}); print(asyncio.run(m.start({name!r})).pid, flush=True)\n"
               f"import time; time.sleep(1000)\n")
@@ -373,7 +388,7 @@ ray.init(address="local", include_dashboard=False, _temp_dir=ray_tmp, num_cpus=1
 @ray.remote(num_cpus=0)
 class Starter:
     async def start(self) -> tuple[int, int]:
-        from node_agent.instances import InstanceManager
+        from node_agent.runtime.instances import InstanceManager
         m = InstanceManager(Path(data_dir), driver="namespaces", cgroup_parent=cgroup_parent)
         m.create(name)
         return (await m.start(name)).pid or 0, os.getpid()
@@ -442,8 +457,8 @@ def test_process_driver_without_root() -> None:
     script.write_text(
         "import asyncio, os, warnings\n"
         "from pathlib import Path\n"
-        "from node_agent.instances import InstanceManager\n"
-        "from node_agent.spawn import SpawnRequest\n"
+        "from node_agent.runtime.instances import InstanceManager\n"
+        "from node_agent.runtime.spawn import SpawnRequest\n"
         "async def main():\n"
         "    with warnings.catch_warnings(record=True) as caught:\n"
         "        warnings.simplefilter('always')\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import pty
@@ -9,7 +10,6 @@ import shutil
 import struct
 import subprocess
 import termios
-import fcntl
 import time
 from concurrent.futures import ThreadPoolExecutor
 

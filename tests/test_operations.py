@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from broker.errors import ApiError, BadRequest, NotFound
-from broker.events import EventHub
-from broker.identity import Identity
-from broker.operations import OperationRegistry, Status, render
+from core.errors import ApiError, BadRequest, NotFound
+from core.events import EventHub
+from core.identity import Identity
+from core.operations import OperationRegistry, Status, render
 
 WHO = Identity("root", "unix")
 
@@ -91,7 +91,7 @@ async def test_not_cancellable() -> None:
 
 
 def test_illegal_transition() -> None:
-    from broker.operations import Operation
+    from core.operations import Operation
     op = Operation("task", "x", {}, {}, WHO, "none")
     with pytest.raises(ValueError):
         op.transition(Status.SUCCESS)
@@ -107,7 +107,7 @@ async def test_hub_order_filter_and_overflow() -> None:
     got = [json.loads(await ops.next())["metadata"]["i"] for _ in range(5)]  # type: ignore[arg-type]
     assert got == [0, 1, 2, 3, 4]
     assert other._queue.empty()  # other project, other type
-    from broker import events
+    from core import events
     slow = hub.subscribe(["operation"])
     for i in range(events.QUEUE_LIMIT + 1):
         hub.publish("operation", {"i": i})

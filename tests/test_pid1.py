@@ -14,11 +14,22 @@ from pathlib import Path
 
 import pytest
 
-from broker.errors import BadRequest, SpawnError
-from node_agent.instances import InstanceManager
-from node_agent.spawn import SpawnRequest
-from tests.instance_fixtures import (ENV, async_wait_for, c1, data_dir, leak_check, manager, needs_root,  # noqa: F401
-                                     pid_alive, read_until_eof, run, spawn_piped)
+from core.errors import BadRequest, SpawnError
+from node_agent.runtime.instances import InstanceManager
+from node_agent.runtime.spawn import SpawnRequest
+from tests.instance_fixtures import (  # noqa: F401
+    ENV,
+    async_wait_for,
+    c1,
+    data_dir,
+    leak_check,
+    manager,
+    needs_root,
+    pid_alive,
+    read_until_eof,
+    run,
+    spawn_piped,
+)
 
 pytestmark = [needs_root, pytest.mark.timeout(120)]
 FORK_PATH = {"uid": 1000, "gid": 1000}  # another uid: pid1 forks instead of posix_spawn

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from broker.errors import ApiError, Forbidden
-from broker.session_state import Phase, SessionState
+from core.errors import ApiError, Forbidden
+from core.session_state import Phase, SessionState
 
 
 def test_claims_and_readiness_non_interactive() -> None:

@@ -7,21 +7,19 @@ Without a cluster link (tests of one node) everything is local.
 from __future__ import annotations
 
 import inspect
-import platform
-from collections import OrderedDict
 from typing import Any
 
-from broker.errors import ApiError, BadRequest, NotFound, Unavailable
-from broker.events import Listener
-from broker.execspec import find_socket, parse_exec_post
-from broker.identity import Identity
-from broker.operations import Status
-from node_agent.cluster_link import ClusterLink
-from node_agent.render import STATUS_CODE, instance_url
+from broker.cluster_link import ClusterLink
+from broker.members import member_json, offline_instance
+from broker.placement import choose_member
+from broker.remote_ops import RemoteOps
+from core.errors import ApiError, BadRequest, NotFound, Unavailable
+from core.events import Listener
+from core.execspec import parse_exec_post
+from core.identity import Identity
+from node_agent.render import instance_url
 from node_agent.service import NodeService, check_instance_name
 from node_agent.session import ExecSession
-
-REMOTE_OP_CACHE = 10_000
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -34,10 +32,7 @@ class Frontend:
         self.link = link
         self.name = service.server_name
         self._owner_cache: dict[str, str] = {}
-        self._op_owner: OrderedDict[str, str] = OrderedDict()
-        self._remote_ops: OrderedDict[str, dict[str, Any]] = OrderedDict()  # last state seen, by op id
-        # websocket operations we forwarded: who asked, and which of their sockets we relay already
-        self._forwarded_ws: OrderedDict[str, tuple[Identity, set[str]]] = OrderedDict()
+        self.remote = RemoteOps()
 
     # -- ownership ----------------------------------------------------------------------------------
     def _is_local_instance(self, name: str) -> bool:
@@ -71,15 +66,6 @@ class Frontend:
             return await _maybe_await(getattr(self.local, method)(*args))
         return await self.link.call(owner, method, *args)
 
-    def _remember_op(self, op: dict[str, Any], owner: str) -> None:
-        self._op_owner[op["id"]] = owner
-        self._op_owner.move_to_end(op["id"])
-        self._remote_ops[op["id"]] = op
-        self._remote_ops.move_to_end(op["id"])
-        for cache in (self._op_owner, self._remote_ops, self._forwarded_ws):
-            while len(cache) > REMOTE_OP_CACHE:
-                cache.popitem(last=False)
-
     async def _op_owner_of(self, op_id: str) -> str:
         try:
             self.local.ops.get(op_id)
@@ -88,7 +74,7 @@ class Frontend:
             pass
         if self.link is None:
             raise NotFound("Operation not found")
-        owner = self._op_owner.get(op_id) or await self.link.locate_op(op_id)
+        owner = self.remote.owner.get(op_id) or await self.link.locate_op(op_id)
         if owner is None:
             raise NotFound("Operation not found")
         return owner
@@ -101,37 +87,25 @@ class Frontend:
         try:
             return await self.link.call(owner, method, op_id, *args)
         except Unavailable:
-            lost = self._lost_op(op_id, owner)
+            lost = self.remote.lost(op_id, owner)
             if lost is None or method == "cancel_operation":
                 raise
             return lost
-
-    def _lost_op(self, op_id: str, owner: str) -> dict[str, Any] | None:
-        """The last known state of an operation of a lost member, as a Failure naming the member."""
-        op = self._remote_ops.get(op_id)
-        if op is None:
-            return None
-        if op["status_code"] < 200:
-            op = {**op, "status": Status.FAILURE.text, "status_code": int(Status.FAILURE),
-                  "err": f"Cluster member {owner} was lost", "may_cancel": False}
-            self._remote_ops[op_id] = op
-        return op
 
     # -- cluster events -----------------------------------------------------------------------------
     def receive_events(self, member: str, batch: list[tuple[str, dict[str, Any], str]]) -> None:
         """Events of another member, delivered in order; re-published locally, never forwarded again."""
         for event_type, metadata, project in batch:
             if event_type == "operation":
-                self._remember_op(metadata, member)
+                self.remote.remember(metadata, member)
             self.local.hub.publish(event_type, metadata, project, location=member, forwarded=True)
 
     def member_lost(self, member: str) -> None:
         """End, for every listener here, the operations a lost member was running."""
-        for op_id, owner in list(self._op_owner.items()):
-            if owner == member and op_id in self._remote_ops and self._remote_ops[op_id]["status_code"] < 200:
-                lost = self._lost_op(op_id, member)
-                if lost is not None:
-                    self.local.hub.publish("operation", lost, "default", location=member, forwarded=True)
+        for op_id in self.remote.running_on(member):
+            lost = self.remote.lost(op_id, member)
+            if lost is not None:
+                self.local.hub.publish("operation", lost, "default", location=member, forwarded=True)
         for name in [n for n, m in self._owner_cache.items() if m == member]:
             del self._owner_cache[name]
 
@@ -142,29 +116,18 @@ class Frontend:
     def cluster(self) -> dict[str, Any]:
         return {"server_name": self.name, "enabled": self.local.clustered, "member_config": []}
 
-    def _member_json(self, name: str) -> dict[str, Any]:
-        assert self.link is not None
-        info = self.link.member(name)
-        return {
-            "server_name": name, "url": f"https://{info.address}", "database": False,
-            "status": "Online" if info.alive else "Offline",
-            "message": "Fully operational" if info.alive else "Ray reports the node as dead",
-            "architecture": platform.machine(), "failure_domain": "default", "description": "",
-            "config": {}, "groups": ["default"], "roles": [],
-        }
-
     def members(self, recursion: int) -> list[Any]:
         names = sorted(self.link.members) if self.link else []
         if recursion == 0:
             return [f"/1.0/cluster/members/{n}" for n in names]
-        return [self._member_json(n) for n in names]
+        return [member_json(self.link.member(n)) for n in names]
 
     async def member(self, name: str) -> dict[str, Any]:
         if self.link is not None and name not in self.link.members:
             await self.link.refresh()  # it may have joined since the last refresh
         if self.link is None or name not in self.link.members:
             raise NotFound("Cluster member not found")
-        return self._member_json(name)
+        return member_json(self.link.member(name))
 
     # -- instances ----------------------------------------------------------------------------------
     async def list_instances(self, recursion: int) -> list[Any]:
@@ -176,18 +139,8 @@ class Frontend:
         for info in self.link.members.values():
             if not info.alive:
                 for name in info.instances:
-                    result.append(instance_url(name) if recursion == 0 else self._offline_instance(name, info.name))
+                    result.append(instance_url(name) if recursion == 0 else offline_instance(name, info.name))
         return sorted(result, key=lambda i: i if isinstance(i, str) else i["name"])
-
-    @staticmethod
-    def _offline_instance(name: str, member: str) -> dict[str, Any]:
-        return {
-            "name": name, "status": "Error", "status_code": STATUS_CODE["Error"], "location": member,
-            "type": "container", "architecture": platform.machine(), "config": {}, "expanded_config": {},
-            "devices": {}, "expanded_devices": {}, "profiles": [], "ephemeral": False, "stateful": False,
-            "project": "default", "description": f"Cluster member {member} is offline",
-            "created_at": "0001-01-01T00:00:00Z", "last_used_at": "0001-01-01T00:00:00Z",
-        }
 
     def _lost_owner(self, name: str) -> str | None:
         if self.link is None:
@@ -204,7 +157,7 @@ class Frontend:
             member = self._lost_owner(name)
             if member is None:
                 raise
-            return self._offline_instance(name, member)
+            return offline_instance(name, member)
 
     async def get_instance_state(self, name: str) -> dict[str, Any]:
         return await self._on_instance(name, "get_instance_state", name)
@@ -228,26 +181,16 @@ class Frontend:
             raise
         self._owner_cache[name] = member
         if member != self.name:
-            self._remember_op(op, member)
+            self.remote.remember(op, member)
         return op
 
     async def _place(self, target: str | None) -> str:
-        """The target member, or the alive member with the fewest instances."""
         assert self.link is not None
         if target and target not in self.link.members:
             await self.link.refresh()  # it may have joined since the last refresh
-        alive = {n: i for n, i in self.link.members.items() if i.alive}
-        if target:
-            if target not in self.link.members:
-                raise NotFound(f'Cluster member "{target}" not found')
-            if target not in alive:
-                raise Unavailable(f"Cluster member {target} is offline")
-            return target
-        if not alive:
-            return self.name
-        fresh = await self.link.instance_counts()
-        counts = {n: fresh.get(n, 0) for n in alive}
-        return min(sorted(counts), key=lambda n: counts[n])
+        alive = {n: i.alive for n, i in self.link.members.items()}
+        counts = {} if target else await self.link.instance_counts()  # fresh: never a stale table
+        return choose_member(target, alive, counts, self.name)
 
     async def update_instance(self, name: str, body: dict[str, Any], who: Identity) -> None:
         await self._on_instance(name, "update_instance", name, body, who)
@@ -262,7 +205,7 @@ class Frontend:
         owner = await self._instance_owner(name)
         op: dict[str, Any] = await self._on_instance(name, method, *args)
         if owner != self.name:
-            self._remember_op(op, owner)
+            self.remote.remember(op, owner)
         return op
 
     # -- exec ---------------------------------------------------------------------------------------
@@ -277,7 +220,7 @@ class Frontend:
                 raise
             raise Unavailable(f"Instance {name} is on cluster member {member}, which is offline") from None
         if op["class"] == "websocket" and op["location"] != self.local.location:
-            self._forwarded_ws[op["id"]] = (who, set())
+            self.remote.forwarded_websocket(op["id"], who)
         return op
 
     async def exec_output_list(self, name: str) -> list[str]:
@@ -323,24 +266,7 @@ class Frontend:
         return ""
 
     def precheck_relay(self, op_id: str, secret: str, who: Identity) -> bool:
-        """For a websocket of an operation this node forwarded: the owner's checks (state, requestor,
-        secret, duplicate), made here from what the forward told us, so the client is upgraded while
-        the owner is dialled instead of after. False when we know too little: dial first."""
-        record, op = self._forwarded_ws.get(op_id), self._remote_ops.get(op_id)
-        if record is None or op is None:
-            return False
-        requestor, relayed = record
-        if op["status_code"] != int(Status.RUNNING):
-            raise ApiError("Only running operations can be connected", 500)
-        if not who.same_requestor(requestor):
-            raise ApiError("Requestor mismatch", 403)
-        fd = find_socket(op.get("metadata", {}).get("fds") or {}, secret)
-        if fd is None:
-            raise ApiError("Forbidden", 403)
-        if fd in relayed:
-            raise ApiError("Websocket number already connected", 409)
-        relayed.add(fd)
-        return True
+        return self.remote.precheck_relay(op_id, secret, who)
 
     def claim_websocket(self, op_id: str, secret: str, who: Identity) -> tuple[ExecSession, str]:
         return self.local.claim_websocket(op_id, secret, who)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from broker.errors import BadRequest, SpawnError
+from core.errors import BadRequest, SpawnError
 
 # Exit code reported when pid1 vanished under a running command (instance stopped or killed): as SIGKILL.
 EXIT_PID1_GONE = 137

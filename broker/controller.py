@@ -15,8 +15,8 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from broker.cluster_link import NAMESPACE, agent_name, get_directory, head_affinity
 from node_agent.agent import NodeAgent
-from node_agent.cluster_link import NAMESPACE, agent_name, get_directory, head_affinity
 
 log = logging.getLogger(__name__)
 

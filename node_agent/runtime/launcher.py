@@ -16,9 +16,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from node_agent.pid1 import proc_stat
+from node_agent.runtime.pid1.syscalls import proc_stat
 
-PID1_SCRIPT = Path(__file__).with_name("pid1.py")
+PID1 = Path(__file__).with_name("pid1")  # a directory run by its __main__
 # -I: ignore PYTHON* variables and user site; -S: stdlib only, faster start.
 PYTHON_ARGS = ("-I", "-S")
 
@@ -42,7 +42,7 @@ def launch(config_path: Path, timeout: float = 30.0) -> Pid1Identity:
 
     subprocess forks in C (no Python runs in the child), so this is safe in the multi-threaded agent.
     """
-    argv = [_python(), *PYTHON_ARGS, str(PID1_SCRIPT), "launch", str(config_path)]
+    argv = [_python(), *PYTHON_ARGS, str(PID1), "launch", str(config_path)]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             close_fds=True, start_new_session=True, cwd="/",
                             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
@@ -66,7 +66,7 @@ def probe_namespaces() -> bool:
     if os.geteuid() != 0:
         return False
     try:
-        done = subprocess.run([_python(), *PYTHON_ARGS, str(PID1_SCRIPT), "probe"], capture_output=True,
+        done = subprocess.run([_python(), *PYTHON_ARGS, str(PID1), "probe"], capture_output=True,
                               timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return False

@@ -9,12 +9,12 @@ import contextlib
 import json
 from urllib.parse import quote
 
-from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidHandshake, InvalidStatus
 
-from broker.errors import ApiError, Unavailable
-from broker.identity import Identity
+from core.channel import Channel, ChannelClosed
+from core.errors import ApiError, Unavailable
+from core.identity import Identity
 
 TOKEN_HEADER = "X-Execbroker-Token"
 USER_HEADER = "X-Execbroker-Forwarded-Username"
@@ -41,7 +41,7 @@ async def dial(address: str, op_id: str, secret: str, who: Identity, token: str)
         raise Unavailable(f"Cannot reach the cluster member at {address}: {exc}") from None
 
 
-async def relay(client: WebSocket, upstream: ClientConnection) -> None:
+async def relay(client: Channel, upstream: ClientConnection) -> None:
     """Copy frames until either side ends, then close both."""
 
     close_code = 1000
@@ -56,16 +56,12 @@ async def relay(client: WebSocket, upstream: ClientConnection) -> None:
                     await client.send_text(msg)
         except ConnectionClosedError:
             close_code = 1011  # the owner went away mid-stream: the client sees an error, not a clean end
-        except ConnectionClosed:
+        except (ConnectionClosed, ChannelClosed):
             pass
 
     async def up() -> None:
-        while True:
-            msg = await client.receive()
-            if msg["type"] == "websocket.disconnect":
-                return
-            data = msg.get("bytes")
-            await upstream.send(data if data is not None else (msg.get("text") or ""))
+        while (msg := await client.receive()) is not None:
+            await upstream.send(msg)
 
     tasks = [asyncio.ensure_future(down()), asyncio.ensure_future(up())]
     try:
@@ -76,5 +72,4 @@ async def relay(client: WebSocket, upstream: ClientConnection) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
             await upstream.close()
-        with contextlib.suppress(Exception, WebSocketDisconnect):
-            await client.close(close_code)
+        await client.close(close_code)

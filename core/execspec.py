@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from broker.errors import BadRequest
+from core.errors import BadRequest
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 EXTRA_PATHS = (("/snap", "/snap/bin"), ("/etc/NIXOS", "/run/current-system/sw/bin"))

@@ -12,7 +12,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from broker.errors import Conflict
+from core.errors import Conflict
 
 DIRECTORY_NAME = "execbroker-directory"
 OP_LIMIT = 100_000  # operations are short-lived; the oldest mappings go first beyond this
@@ -100,10 +100,9 @@ class DirectoryState:
 
 
 def make_actor():  # type: ignore[no-untyped-def]
-    import ray
-
     import json
 
+    import ray
     from ray.experimental import internal_kv
 
     key = b"execbroker/directory-members"

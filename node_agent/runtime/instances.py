@@ -15,31 +15,27 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import json
 import logging
 import os
-import re
 import shutil
 import signal
 import struct
 import warnings
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from broker.errors import ApiError, BadRequest, Conflict, NotFound
-from node_agent import launcher, rootfs
-from node_agent.cgroups import Freezer
-from node_agent.launcher import Pid1Identity
-from node_agent.pid1 import SOCKET_NAME
-from node_agent.spawn import Process, SpawnRequest, spawn
+from core.errors import ApiError, BadRequest, Conflict, NotFound
+from node_agent.runtime import launcher, records, rootfs
+from node_agent.runtime.cgroups import Freezer
+from node_agent.runtime.pid1.server import SOCKET_NAME
+from node_agent.runtime.records import NAME_RE, Driver, Record, now, validate_config, validate_name
+from node_agent.runtime.spawn import Process, SpawnRequest, spawn
 
 log = logging.getLogger(__name__)
 
 InstanceStatus = Literal["Running", "Stopped", "Frozen", "Error"]
-Driver = Literal["namespaces", "process"]
-NAME_RE = re.compile(r"[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 TIOCSPTLCK = 0x40045431
 TIOCGPTPEER = 0x5441
 FREEZE_TIMEOUT = 10.0
@@ -57,51 +53,12 @@ class Instance:
     last_used_at: datetime | None
 
 
-@dataclass
-class _Record:
-    """What the manager keeps per instance: the persisted definition plus the running pid1, if any."""
-
-    name: str
-    image: str
-    config: dict[str, str]
-    created_at: datetime
-    last_used_at: datetime | None = None
-    pid1: Pid1Identity | None = None
-    driver: Driver = "namespaces"  # of the running pid1 (a manager may adopt instances of another driver)
-    broken: str | None = None  # why the definition could not be loaded (status Error)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
-
-
-def validate_name(name: str) -> None:
-    """Incus rules: 1-63 letters, digits and hyphens; no leading digit or hyphen, no trailing hyphen."""
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise BadRequest(f"Invalid instance name {name!r}: 1 to 63 letters, digits or hyphens, starting with "
-                         "a letter and not ending with a hyphen")
-
-
-def _validate_config(config: dict[str, str]) -> dict[str, str]:
-    if not isinstance(config, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                               for k, v in config.items()):
-        raise BadRequest("Instance config must map strings to strings")
-    return dict(config)
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _write_json(path: Path, data: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 class InstanceManager:
     def __init__(self, data_dir: Path, driver: str = "auto", cgroup_parent: str = "execbroker") -> None:
         self.data_dir = Path(data_dir)
         self._root = self.data_dir / "instances"
         self._cgroup_parent = cgroup_parent
-        self._records: dict[str, _Record] = {}
+        self._records: dict[str, Record] = {}
         self._loaded = False
         self.driver_name: Driver = self._choose_driver(driver)
 
@@ -125,25 +82,10 @@ class InstanceManager:
         self._records = {}
         for entry in sorted(self._root.iterdir()):
             if entry.is_dir() and NAME_RE.fullmatch(entry.name):
-                self._records[entry.name] = self._load(entry.name)
+                rec = records.load(self._dir(entry.name), entry.name)
+                self._refresh(rec)
+                self._records[entry.name] = rec
         self._loaded = True
-
-    def _load(self, name: str) -> _Record:
-        path = self._dir(name)
-        try:
-            d = json.loads((path / "instance.json").read_text())
-            rec = _Record(name, d["image"], dict(d["config"]), datetime.fromisoformat(d["created_at"]),
-                          datetime.fromisoformat(d["last_used_at"]) if d.get("last_used_at") else None)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            return _Record(name, "", {}, _now(), broken=f"Cannot load instance: {exc}")
-        try:
-            s = json.loads((path / "state.json").read_text())
-            rec.pid1 = Pid1Identity(int(s["pid"]), int(s["start_time"]))
-            rec.driver = "process" if s.get("driver") == "process" else "namespaces"
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        self._refresh(rec)
-        return rec
 
     def list(self) -> list[Instance]:
         self._ensure_loaded()
@@ -177,7 +119,7 @@ class InstanceManager:
     def _dir(self, name: str) -> Path:
         return self._root / name
 
-    def _record(self, name: str) -> _Record:
+    def _record(self, name: str) -> Record:
         self._ensure_loaded()
         rec = self._records.get(name)
         if rec is None:
@@ -187,7 +129,7 @@ class InstanceManager:
     def _freezer(self, name: str) -> Freezer | None:
         return Freezer.for_instance(self._cgroup_parent, name)
 
-    def _refresh(self, rec: _Record) -> bool:
+    def _refresh(self, rec: Record) -> bool:
         """True if pid1 runs; forgets a pid1 that is gone (and its leftovers)."""
         if rec.pid1 is None:
             return False
@@ -201,7 +143,7 @@ class InstanceManager:
                 pass
         return False
 
-    def _status(self, rec: _Record) -> InstanceStatus:
+    def _status(self, rec: Record) -> InstanceStatus:
         if rec.broken:
             return "Error"
         if not self._refresh(rec):
@@ -209,17 +151,10 @@ class InstanceManager:
         freezer = self._freezer(rec.name)
         return "Frozen" if freezer is not None and freezer.is_frozen() else "Running"
 
-    def _snapshot(self, rec: _Record) -> Instance:
+    def _snapshot(self, rec: Record) -> Instance:
         status = self._status(rec)
         return Instance(rec.name, rec.image, dict(rec.config), rec.created_at, status,
                         rec.pid1.pid if rec.pid1 else None, rec.last_used_at)
-
-    def _save(self, rec: _Record) -> None:
-        _write_json(self._dir(rec.name) / "instance.json", {
-            "name": rec.name, "image": rec.image, "config": rec.config,
-            "created_at": rec.created_at.isoformat(),
-            "last_used_at": rec.last_used_at.isoformat() if rec.last_used_at else None,
-        })
 
     # ------------------------------------------------------------------------------------ changes
 
@@ -227,7 +162,7 @@ class InstanceManager:
         validate_name(name)
         if image not in rootfs.IMAGES:
             raise BadRequest(f'Unknown image "{image}" (available: {", ".join(rootfs.IMAGES)})')
-        cfg = _validate_config(config or {})
+        cfg = validate_config(config or {})
         self._ensure_loaded()
         path = self._dir(name)
         if name in self._records or path.exists():
@@ -240,17 +175,17 @@ class InstanceManager:
         except rootfs.RootfsError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise ApiError(str(exc)) from None
-        rec = _Record(name, image, cfg, _now())
+        rec = Record(name, image, cfg, now())
         os.rename(staging, path)
-        self._save(rec)
+        records.save(self._dir(rec.name), rec)
         self._records[name] = rec
         return self._snapshot(rec)
 
     def update_config(self, name: str, config: dict[str, str]) -> Instance:
         """PATCH semantics: the given keys are set, the others kept."""
         rec = self._record(name)
-        rec.config.update(_validate_config(config))
-        self._save(rec)
+        rec.config.update(validate_config(config))
+        records.save(self._dir(rec.name), rec)
         return self._snapshot(rec)
 
     async def start(self, name: str) -> Instance:
@@ -275,7 +210,7 @@ class InstanceManager:
                 "cgroup_procs": str(freezer.procs_file) if freezer is not None else None,
                 "log": str(path / "pid1.log"),
             }
-            _write_json(path / "pid1.json", config)
+            records.write_json(path / "pid1.json", config)
             launch = asyncio.ensure_future(asyncio.to_thread(self._launch, rec))
             try:
                 await asyncio.shield(launch)
@@ -291,15 +226,15 @@ class InstanceManager:
                 # adopted pid1 instead of init: the instance will die when that process exits.
                 log.warning("instance %s: pid1 %d was adopted by subreaper %d; the instance will not outlive it",
                             name, rec.pid1.pid, adopter)
-            rec.last_used_at = _now()
-            self._save(rec)
+            rec.last_used_at = now()
+            records.save(self._dir(rec.name), rec)
             return self._snapshot(rec)
 
-    def _launch(self, rec: _Record) -> None:
+    def _launch(self, rec: Record) -> None:
         """Start pid1 and record it (memory and state.json). Blocking: runs in a worker thread."""
         path = self._dir(rec.name)
         ident = launcher.launch(path / "pid1.json")
-        _write_json(path / "state.json", asdict(ident) | {"driver": self.driver_name})
+        records.save_state(path, ident, self.driver_name)
         rec.pid1, rec.driver = ident, self.driver_name
 
     async def stop(self, name: str, timeout: float = 10.0, force: bool = False) -> Instance:
@@ -409,7 +344,7 @@ class InstanceManager:
         return master, slave
 
     async def spawn(self, name: str, req: SpawnRequest, fds: tuple[int, int, int]) -> Process:
-        """Start ``req`` inside the instance with ``fds`` as stdin/stdout/stderr (see node_agent.spawn for
+        """Start ``req`` inside the instance with ``fds`` as stdin/stdout/stderr (see node_agent.runtime.spawn for
         who closes what). Raises SpawnError, or BadRequest if the instance is not running or frozen."""
         rec = self._record(name)
         if rec.pid1 is None:
@@ -418,7 +353,7 @@ class InstanceManager:
         if freezer is not None and freezer.is_frozen():
             raise BadRequest("Instance is frozen")  # pid1 could not answer
         process = await spawn(self._dir(name) / SOCKET_NAME, req, fds)
-        rec.last_used_at = _now()
+        rec.last_used_at = now()
         return process
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from enum import Enum
 
-from broker.errors import ApiError, Forbidden
-from broker.execspec import CONTROL, find_socket, required_sockets, socket_secrets
+from core.errors import ApiError, Forbidden
+from core.execspec import CONTROL, find_socket, required_sockets, socket_secrets
 
 
 class Phase(Enum):

@@ -10,7 +10,7 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from broker import timefmt
+from core import timefmt
 
 EVENT_TYPES = frozenset({"logging", "operation", "lifecycle"})
 QUEUE_LIMIT = 4096

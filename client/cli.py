@@ -14,8 +14,8 @@ from urllib.parse import quote
 
 import httpx
 
-from broker import terminal
-from broker.client import Client, ClientError, default_socket_path
+from client import terminal
+from client.api import Client, ClientError, default_socket_path
 
 
 class UsageError(Exception):

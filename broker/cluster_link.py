@@ -22,8 +22,8 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from broker.errors import ApiError, Unavailable
-from node_agent.directory import DIRECTORY_NAME, make_actor
+from broker.directory import DIRECTORY_NAME, make_actor
+from core.errors import ApiError, Unavailable
 
 log = logging.getLogger(__name__)
 

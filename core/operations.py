@@ -14,9 +14,9 @@ from datetime import datetime
 from enum import IntEnum
 from typing import Any, Literal
 
-from broker import timefmt
-from broker.errors import ApiError, BadRequest, NotFound
-from broker.identity import Identity
+from core import timefmt
+from core.errors import ApiError, BadRequest, NotFound
+from core.identity import Identity
 
 OpClass = Literal["task", "websocket", "token"]
 

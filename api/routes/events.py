@@ -1,0 +1,52 @@
+"""The events websocket ``/1.0/events`` (spec §7): a listener registered before the upgrade."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from fastapi import FastAPI, WebSocket
+
+from api import envelope
+from api.request import check_project
+from broker.frontend import Frontend
+from core.errors import ApiError
+
+
+def register(app: FastAPI, backend: Frontend) -> None:
+    @app.websocket("/1.0/events")
+    async def events(ws: WebSocket) -> None:
+        try:
+            project_name = check_project(ws, allow_all=True)
+            listener = backend.subscribe(ws.query_params.get("type"), project_name)
+        except ApiError as exc:
+            await ws.send_denial_response(envelope.from_exception(exc))
+            return
+        reader: asyncio.Future[None] | None = None
+        try:  # the listener exists before the 101 goes out: no event after it is missed
+            await ws.accept()
+            reader = asyncio.ensure_future(_until_disconnect(ws))
+            while True:
+                nxt = asyncio.ensure_future(listener.next())
+                await asyncio.wait({nxt, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():
+                    nxt.cancel()
+                    break
+                frame = nxt.result()
+                if frame is None:
+                    break
+                await ws.send_text(frame)
+        except Exception:  # noqa: BLE001 - a broken events socket just ends the listener
+            pass
+        finally:
+            backend.unsubscribe(listener)
+            if reader is not None:
+                reader.cancel()
+            with contextlib.suppress(Exception):
+                await ws.close()
+
+
+
+async def _until_disconnect(ws: WebSocket) -> None:
+    while (await ws.receive())["type"] != "websocket.disconnect":
+        pass

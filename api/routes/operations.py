@@ -1,0 +1,99 @@
+"""Operation routes: list, get, cancel, wait, and the exec websockets (spec §4), relayed when another
+member runs the operation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from fastapi import FastAPI, Request, WebSocket
+from starlette.responses import Response, StreamingResponse
+
+from api import envelope
+from api.request import check_project, identity, recursion
+from api.wschannel import WebSocketChannel
+from broker import relay
+from broker.frontend import Frontend
+from core.errors import ApiError, BadRequest
+
+
+def register(app: FastAPI, backend: Frontend, cluster_token: str | None) -> None:
+    @app.get("/1.0/operations")
+    async def operations(request: Request) -> Response:
+        project_name = check_project(request, allow_all=True)
+        return envelope.sync(await backend.list_operations(recursion(request), project_name))
+
+    @app.get("/1.0/operations/{op_id}")
+    async def operation(op_id: str) -> Response:
+        return envelope.sync(await backend.get_operation(op_id))
+
+    @app.delete("/1.0/operations/{op_id}")
+    async def cancel_operation(op_id: str) -> Response:
+        await backend.cancel_operation(op_id)
+        return envelope.sync()
+
+    @app.get("/1.0/operations/{op_id}/wait")
+    async def wait_operation(op_id: str, request: Request) -> Response:
+        raw = request.query_params.get("timeout", "-1")
+        try:
+            timeout = float(int(raw))
+        except ValueError:
+            raise ApiError(f'strconv.Atoi: parsing "{raw}": invalid syntax', 500) from None
+        await backend.get_operation(op_id)  # 404 before the 200 headers go out
+
+        async def body() -> Any:
+            op = await backend.wait_operation(op_id, None if timeout < 0 else timeout)
+            yield envelope.sync(op).body
+
+        return StreamingResponse(body(), media_type="application/json",
+                                 headers={"Connection": "keep-alive"})
+
+    @app.websocket("/1.0/operations/{op_id}/websocket")
+    async def operation_websocket(ws: WebSocket, op_id: str) -> None:
+        secret = ws.query_params.get("secret", "")
+        who = identity(ws)
+        dialing: asyncio.Future[Any] | None = None
+        try:
+            owner = await backend.websocket_owner(op_id)
+            if owner:  # another member runs it
+                if not secret:
+                    raise BadRequest("Missing websocket secret")
+                if backend.precheck_relay(op_id, secret, who):  # we forwarded it: dial while upgrading
+                    dialing = asyncio.ensure_future(relay.dial(owner, op_id, secret, who, cluster_token or ""))
+                else:  # dial first, so the owner's refusal is our refusal
+                    dialing = asyncio.get_running_loop().create_future()
+                    dialing.set_result(await relay.dial(owner, op_id, secret, who, cluster_token or ""))
+            else:
+                session, fd = backend.claim_websocket(op_id, secret, who)
+        except ApiError as exc:
+            await ws.send_denial_response(envelope.from_exception(exc))
+            return
+        if dialing is not None:
+            await _relay_when_dialled(ws, dialing)
+            return
+        try:
+            await ws.accept()
+        except BaseException:
+            session.release(fd)
+            raise
+        await session.attach(fd, WebSocketChannel(ws))
+
+
+
+async def _relay_when_dialled(ws: WebSocket, dialing: asyncio.Future[Any]) -> None:
+    """Upgrade the client, then relay once the owner's socket is open (or close with 1011 if it is not)."""
+    try:
+        await ws.accept()
+    except BaseException:
+        dialing.cancel()
+        with contextlib.suppress(BaseException):
+            await (await dialing).close()
+        raise
+    try:
+        upstream = await dialing
+    except ApiError:
+        with contextlib.suppress(Exception):
+            await ws.close(1011)
+        return
+    await relay.relay(WebSocketChannel(ws), upstream)

@@ -1,0 +1,1 @@
+"""What users run: the ``execbroker`` command line, the async Incus client, terminal handling."""

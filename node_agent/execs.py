@@ -1,0 +1,133 @@
+"""Exec on one node (spec §3-§6): a websocket operation with an ExecSession, or a task operation whose
+output goes to /dev/null or the record-output files; the websocket checks before an upgrade."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from core.errors import ApiError, BadRequest
+from core.execspec import ExecPost, build_environment, exit_result
+from core.identity import Identity
+from core.operations import Operation, OperationRegistry, Status, render
+from node_agent import exec_output
+from node_agent.fdio import close_quietly
+from node_agent.render import instance_url
+from node_agent.runtime.instances import Instance, InstanceManager
+from node_agent.runtime.spawn import Process, SpawnRequest
+from node_agent.session import ExecSession
+
+# (action, instance, requestor, context): a lifecycle event
+Lifecycle = Callable[[str, str, "Identity | None", "dict[str, Any] | None"], None]
+
+
+class Execs:
+    def __init__(self, instances: InstanceManager, ops: OperationRegistry, lifecycle: Lifecycle) -> None:
+        self.instances = instances
+        self.ops = ops
+        self._lifecycle = lifecycle
+        self.sessions: dict[str, ExecSession] = {}  # websocket operation id -> its session, until it ends
+
+    def finished(self, op_id: str) -> None:
+        self.sessions.pop(op_id, None)
+
+    def _running_instance(self, name: str) -> Instance:
+        inst = self.instances.get(name)
+        if inst.status == "Frozen":
+            raise BadRequest("Instance is frozen")
+        if inst.status != "Running":
+            raise BadRequest("Instance is not running")
+        return inst
+
+    def start(self, name: str, post: ExecPost, who: Identity) -> dict[str, Any]:
+        """Create and start the exec operation; returns it rendered."""
+        inst = self._running_instance(name)
+        env = build_environment(post.environment, inst.config, post.user or 0,
+                                lambda p: self.instances.path_exists(name, p))
+        resources = {"instances": [instance_url(name)]}
+        if post.wait_for_websocket:
+            return self._websocket(name, post, env, resources, who)
+        return self._task(name, post, env, {**resources, "containers": resources["instances"]}, who)
+
+    def _websocket(self, name: str, post: ExecPost, env: dict[str, str],
+                   resources: dict[str, list[str]], who: Identity) -> dict[str, Any]:
+        session = ExecSession(
+            post, env,
+            spawn=lambda req, fds: self.instances.spawn(name, req, fds),
+            open_pty=lambda: self.instances.open_pty(name),
+            on_started=lambda: self._lifecycle("instance-exec", name, who, {"command": post.command}),
+        )
+        op = self.ops.create("websocket", "Executing command", resources, session.metadata(), who,
+                             may_cancel=True)
+        self.sessions[op.id] = session
+        self.ops.start(op, session.run, session.cancel)
+        return render(op)
+
+    def _task(self, name: str, post: ExecPost, env: dict[str, str],
+              resources: dict[str, list[str]], who: Identity) -> dict[str, Any]:
+        op = self.ops.create("task", "Executing command", resources, {}, who, may_cancel=True)
+        proc: list[Process] = []
+
+        async def run(op: Operation) -> None:
+            devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            out = err = devnull
+            meta: dict[str, Any] = {}
+            try:
+                if post.record_output:
+                    directory = self.instances.exec_output_dir(name)
+                    out, err, out_name, err_name = exec_output.create_files(directory, op.id)
+                    base = f"/1.0/instances/{name}/logs/exec-output"
+                    meta["output"] = {"1": f"{base}/{out_name}", "2": f"{base}/{err_name}"}
+                req = SpawnRequest(argv=list(post.command), env=env, cwd=post.cwd or "",
+                                   uid=post.user or 0, gid=post.group or 0)
+                try:
+                    p = await self.instances.spawn(name, req, (devnull, out, err))
+                except Exception as exc:
+                    raise ApiError(str(exc)) from None
+            finally:
+                close_quietly(*{devnull, out, err})
+            proc.append(p)
+            self._lifecycle("instance-exec", name, who, {"command": post.command})
+            try:
+                code = await p.wait()
+            finally:
+                p.close()
+            result = exit_result(code)
+            op.extend_metadata({**meta, "return": result.code})
+            if result.error:
+                raise ApiError(result.error)
+
+        async def cancel() -> None:
+            for p in proc:
+                p.kill_group()
+
+        self.ops.start(op, run, cancel)
+        return render(op)
+
+    def claim_websocket(self, op: Operation, secret: str, who: Identity) -> tuple[ExecSession, str]:
+        """All checks of spec §4.4, before the upgrade; the caller must attach or release."""
+        if op.cls != "websocket":
+            raise ApiError("Only websocket operations can be connected", 500)
+        if op.status != Status.RUNNING:
+            raise ApiError("Only running operations can be connected", 500)
+        if not who.same_requestor(op.requestor):
+            raise ApiError("Requestor mismatch", 403)
+        session = self.sessions.get(op.id)
+        if session is None:
+            raise ApiError("Only running operations can be connected", 500)
+        return session, session.claim(secret)
+
+    # -- record-output files (spec §6) ----------------------------------------------------------------
+    def output_list(self, name: str) -> list[str]:
+        self.instances.get(name)
+        directory = self.instances.exec_output_dir(name)
+        return [f"/1.0/instances/{name}/logs/exec-output/{f}" for f in exec_output.list_files(directory)]
+
+    def output_open(self, name: str, filename: str) -> int:
+        self.instances.get(name)
+        return exec_output.open_file(self.instances.exec_output_dir(name), filename)
+
+    def output_delete(self, name: str, filename: str) -> None:
+        self.instances.get(name)
+        exec_output.delete_file(self.instances.exec_output_dir(name), filename)
