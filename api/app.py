@@ -1,10 +1,13 @@
 """The Incus-compatible /1.0 HTTP and websocket API, as a FastAPI app over the front end.
 
-Routes (api/routes/) only translate HTTP to front-end calls; errors are domain exceptions mapped to the
-Incus error envelope here, once.
+Before any route: who is calling (api/auth.py) and how large a body may be (api/limits.py). Routes
+(api/routes/) only translate HTTP to front-end calls; errors are domain exceptions mapped to the Incus
+error envelope here, once.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,15 +15,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from api import envelope
-from api.auth import MemberAuth
-from api.routes import events, exec, instances, operations, server
+from api.auth import Authenticate
+from api.limits import MAX_BODY, BodyLimit
+from api.routes import certificates, events, exec, instances, internal, operations, server
 from broker.frontend import Frontend
 from core.errors import ApiError
+from core.trust import Certificate
 
 
-def create_app(backend: Frontend, cluster_token: str | None = None) -> FastAPI:
+def create_app(backend: Frontend, trust: Callable[[str], Certificate | None] = lambda _fp: None,
+               admin_group: int | None = None, max_body: int = MAX_BODY) -> FastAPI:
     app = FastAPI(title="execbroker", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
-    app.add_middleware(MemberAuth, token=cluster_token)
+    app.add_middleware(BodyLimit, limit=max_body)
+    app.add_middleware(Authenticate, trust=trust, admin_group=admin_group)  # outermost: runs first
 
     @app.exception_handler(ApiError)
     async def _api_error(_req: Request, exc: ApiError) -> Response:
@@ -43,8 +50,11 @@ def create_app(backend: Frontend, cluster_token: str | None = None) -> FastAPI:
         return envelope.error(500, str(exc) or type(exc).__name__)
 
     server.register(app, backend)
+    if backend.admin is not None:
+        certificates.register(app, backend)
     instances.register(app, backend)
     exec.register(app, backend)
-    operations.register(app, backend, cluster_token)
+    operations.register(app, backend)
     events.register(app, backend)
+    internal.register(app, backend)
     return app

@@ -1,34 +1,91 @@
-"""Member-listener authentication: requests that did not come over the unix socket must carry the
-cluster token, checked before any route runs."""
+"""Who is calling, decided once per request and per websocket before any route runs (checked again on
+every request of a kept-alive connection, so a revocation takes effect at once):
+
+* unix socket: root and members of the admin group (``execbroker``, as ``incus-admin``) have full
+  access; any other uid gets a 403 saying so;
+* HTTPS: a trusted client certificate is its identity (a restricted one sees only its projects); an
+  unknown certificate may read ``GET /1.0`` (``auth: untrusted``) and present a trust token, and gets a
+  403 for everything else;
+* member listener: the TLS layer already proved the peer holds the cluster certificate; a forwarded
+  request carries the identity it is made for.
+
+``scope["state"]["identity"]`` is the caller (None only for an untrusted TLS client on the routes open to
+it); routes under ``/internal/`` exist only on the member listener.
+"""
 
 from __future__ import annotations
 
-import hmac
+import grp
+import json
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import envelope
-from broker import relay
+from api.connection import Peer
+from core.identity import FORWARDED_HEADER, Identity, from_uid
+from core.trust import Certificate
+
+ADMIN_GROUP = "execbroker"
+INTERNAL = "/internal/"
+# What a client whose certificate is not trusted may do (as Incus): read the server, present a token.
+UNTRUSTED = {("GET", "/"), ("GET", "/1.0"), ("GET", "/1.0/"), ("POST", "/1.0/certificates")}
 
 
-class MemberAuth:
-    """Requests that did not come over the unix socket (the member-to-member listener) must carry the
-    cluster token; anything else is refused before it reaches a route."""
+def admin_gid(group: str = ADMIN_GROUP) -> int | None:
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        return None
 
-    def __init__(self, app: ASGIApp, token: str | None) -> None:
+
+class Authenticate:
+    def __init__(self, app: ASGIApp, trust: Callable[[str], Certificate | None], admin_group: int | None) -> None:
         self.app = app
-        self.token = (token or "").encode()
+        self.trust = trust
+        self.admin_group = admin_group
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket") and scope.get("state", {}).get("peer_uid") is None:
-            given = dict(scope.get("headers") or []).get(relay.TOKEN_HEADER.lower().encode(), b"")
-            if not self.token or not hmac.compare_digest(given, self.token):
-                body = envelope.error(403, "not authorized")
-                if scope["type"] == "websocket":
-                    await send({"type": "websocket.http.response.start", "status": 403,
-                                "headers": [(b"content-type", b"application/json")]})
-                    await send({"type": "websocket.http.response.body", "body": body.body})
-                else:
-                    await body(scope, receive, send)
-                return
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        peer: Peer | None = state.get("peer")
+        path = scope.get("path", "")
+        if peer is None:
+            return await _deny(scope, receive, send, 403, "not authorized")
+        if path.startswith(INTERNAL) and peer.listener != "member":
+            return await _deny(scope, receive, send, 404, "not found")
+        if peer.listener == "unix":
+            if peer.uid != 0 and (self.admin_group is None or self.admin_group not in peer.gids):
+                return await _deny(scope, receive, send, 403, f"not authorized: uid {peer.uid} is neither root "
+                                   f"nor a member of the {ADMIN_GROUP} group")
+            state["identity"] = from_uid(peer.uid or 0)
+        elif peer.listener == "https":
+            cert = self.trust(peer.fingerprint) if peer.fingerprint else None
+            if cert is None or cert.type != "client":
+                if (scope.get("method", "GET"), path) not in UNTRUSTED or scope["type"] != "http":
+                    return await _deny(scope, receive, send, 403, "not authorized")
+                state["identity"] = None
+            else:
+                client = scope.get("client")
+                state["identity"] = Identity(cert.fingerprint, "tls", f"{client[0]}:{client[1]}" if client else "",
+                                             cert.restricted, cert.projects)
+        else:
+            raw = dict(scope.get("headers") or []).get(FORWARDED_HEADER.lower().encode())
+            try:
+                state["identity"] = Identity.from_wire(json.loads(raw)) if raw else Identity("cluster", "cluster")
+            except (ValueError, KeyError, TypeError):
+                return await _deny(scope, receive, send, 400, "Invalid forwarded identity")
         await self.app(scope, receive, send)
+
+
+async def _deny(scope: Scope, receive: Receive, send: Send, status: int, message: str) -> None:
+    response = envelope.error(status, message)
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "websocket.http.response.body", "body": response.body})
+    else:
+        await response(scope, receive, send)
+

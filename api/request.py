@@ -1,42 +1,59 @@
-"""What every route reads off a request: the caller's identity, the project, recursion, a JSON body."""
+"""What every route reads off a request: the caller's identity (decided by api/auth.py), the project it
+names, recursion, a JSON body."""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request, WebSocket
 
-from broker import relay
-from core.errors import BadRequest, NotFound
-from core.identity import Identity, from_uid
+from core import projects
+from core.errors import BadRequest, Forbidden, NotFound
+from core.identity import Identity
 
-MAX_BODY = 1 << 20
+if TYPE_CHECKING:
+    from broker.frontend import Frontend
+
+MAX_BODY = 1 << 20  # a JSON request body (larger ones get a 413 before they are read: api/limits.py)
 
 
 def identity(conn: Request | WebSocket) -> Identity:
-    """The caller: the unix peer's user, or the identity another member forwarded (member listener)."""
-    uid = getattr(conn.state, "peer_uid", None)
-    if uid is not None:
-        return from_uid(uid)
-    h = conn.headers
-    return Identity(username=h.get(relay.USER_HEADER, "cluster"), protocol=h.get(relay.PROTOCOL_HEADER, "cluster"))
+    """The caller; an untrusted TLS client only reaches the routes that allow it (and asks ``trusted``)."""
+    who: Identity | None = getattr(conn.state, "identity", None)
+    if who is None:
+        raise Forbidden("not authorized")
+    return who
 
 
-def check_project(conn: Request | WebSocket, allow_all: bool = False) -> str | None:
-    """The project of a request: only ``default`` exists; ``None`` means all projects."""
+def trusted(conn: Request | WebSocket) -> bool:
+    return getattr(conn.state, "identity", None) is not None
+
+
+def project_of(conn: Request | WebSocket, backend: Frontend, allow_all: bool = False) -> str | None:
+    """The project a request names (``?project=``, default ``default``), checked against the caller;
+    None for ``all-projects``, which only unrestricted callers may ask for."""
     q = conn.query_params
-    all_projects = q.get("all-projects", "").lower() in ("1", "true")
-    if all_projects:
+    if q.get("all-projects", "").lower() in ("1", "true"):
         if not allow_all:
             raise BadRequest("all-projects is not supported here")
         if q.get("project"):
             raise BadRequest("Cannot specify a project when requesting all projects")
+        if identity(conn).restricted:
+            raise Forbidden("Certificate is restricted")
         return None
-    project = q.get("project") or "default"
-    if project != "default":
-        raise NotFound("Project not found")
-    return project
+    name = q.get("project") or projects.DEFAULT
+    if backend.admin is None:
+        if name != projects.DEFAULT:
+            raise NotFound("Project not found")
+        return name
+    return backend.admin.check_project(identity(conn), name)
+
+
+def project(conn: Request | WebSocket, backend: Frontend) -> str:
+    name = project_of(conn, backend)
+    assert name is not None
+    return name
 
 
 def recursion(request: Request) -> int:

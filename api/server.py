@@ -1,24 +1,37 @@
-"""Serve the app with uvicorn on a unix socket, inside the caller's event loop (the agent actor's)."""
+"""The node's listeners, each a uvicorn server inside the caller's loop (the agent actor's), without
+uvicorn's signal handling, all serving the same app:
+
+* the unix socket (always): mode 0660, group ``execbroker`` (root only where the group is missing);
+* the member listener (in a cluster): TLS with the cluster certificate, for members only; a peer that
+  does not present the cluster certificate is cut off after the handshake, before any byte is parsed;
+* the HTTPS listener (``core.https_address``): TLS with the cluster certificate; any client certificate
+  is taken and identified by its fingerprint (api/auth.py decides what it may do). Re-bound at run time.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
+from OpenSSL import SSL
 
-from api.peercred import PeerCredHttpProtocol, PeerCredWebSocketProtocol
+from api.connection import EdgeWebSocketProtocol, Limits, http_protocol, tls_http_protocol
+from api.tls import TLSTransport, server_context
+from core.errors import BadRequest
 
 log = logging.getLogger(__name__)
+WS_MAX_MESSAGE = 16 << 20  # a websocket message larger than this closes the socket (1009)
 
 
-def bind_unix(path: Path, mode: int = 0o660) -> socket.socket:
+def bind_unix(path: Path, group: int | None) -> socket.socket:
     """Bind the API socket, replacing a stale one (a live server answering on it is an error)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() or path.is_symlink():
@@ -32,11 +45,40 @@ def bind_unix(path: Path, mode: int = 0o660) -> socket.socket:
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(str(path))
-    os.chmod(path, mode)
+    old = os.umask(0o177)  # never reachable by others, not even between bind and chmod
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    if group is not None and os.geteuid() == 0:
+        os.chown(path, 0, group)
+        os.chmod(path, 0o660)
     sock.listen(1024)
     sock.setblocking(False)
     return sock
+
+
+def bind_tcp(address: str) -> socket.socket:
+    """``host:port`` (port 0: any free one), ``[v6]:port`` for IPv6."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets that say so (else Nagle holds each
+    # response's second segment for the client's delayed ACK: 40 ms per request, measured)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, int(port)))
+        sock.listen(1024)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def address_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -47,64 +89,125 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
-def bind_tcp(host: str) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, 0))
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
+class _Running:
+    """One listener: its socket and the uvicorn server on it."""
 
-
-class ApiServer:
-    """uvicorn without its signal handling, on already bound sockets: the node's unix socket and,
-    in a cluster, a TCP listener for member-to-member traffic (``member_host``, ephemeral port)."""
-
-    def __init__(self, app: FastAPI, path: Path, mode: int = 0o660, member_host: str | None = None) -> None:
-        self.path = path
-        self._sock = bind_unix(path, mode)
-        self._tcp = bind_tcp(member_host) if member_host else None
+    def __init__(self, app: FastAPI, sock: socket.socket, http: Callable[..., asyncio.Protocol]) -> None:
+        self.sock = sock
         config = uvicorn.Config(
             app,
-            http=PeerCredHttpProtocol,  # httptools: the C parser (h11 was ~8% of an exec's CPU)
-            proxy_headers=False,  # nothing proxies a unix socket
-            ws=PeerCredWebSocketProtocol,
+            http=http,  # type: ignore[arg-type]
+            proxy_headers=False,  # nothing proxies us
+            ws=EdgeWebSocketProtocol,
             ws_per_message_deflate=False,  # compression costs 30x throughput on exec streams
             ws_ping_interval=10.0,  # keepalive pings, never fatal (spec §5.7)
             ws_ping_timeout=None,
-            ws_max_size=16 << 20,
+            ws_max_size=WS_MAX_MESSAGE,
             lifespan="off",
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=1,
             backlog=1024,
         )
-        self._server = _EmbeddedServer(config)
-        self._task: asyncio.Task[None] | None = None
+        self.server = _EmbeddedServer(config)
+        self.task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        sockets = [self._sock] + ([self._tcp] if self._tcp is not None else [])
-        self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=sockets))
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()
+        self.task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[self.sock]))
+        while not self.server.started:
+            if self.task.done():
+                self.task.result()
             await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self.task is not None:
+            with contextlib.suppress(Exception):
+                await self.task
+        self.sock.close()
+
+
+class ApiServer:
+    """The listeners of one node. ``app`` must be set before any listener starts; the unix socket is
+    bound at once (so a second server on the same data dir fails early) and served by ``start``."""
+
+    def __init__(self, path: Path, group: int | None, limits: Limits | None = None) -> None:
+        self.app: FastAPI | None = None
+        self.path = path
+        self.limits = limits or Limits()
+        self._unix_sock = bind_unix(path, group)
+        self._unix: _Running | None = None
+        self._member: _Running | None = None
+        self._https: _Running | None = None
+        self._tls_context: SSL.Context | None = None
+        self._cluster_fingerprint = ""
+        self.on_https_client: Callable[[str, TLSTransport], None] | None = None
+
+    def _app(self) -> FastAPI:
+        assert self.app is not None, "ApiServer.app is not set"
+        return self.app
+
+    async def start(self) -> None:
+        self._unix = _Running(self._app(), self._unix_sock, http_protocol("unix", self.limits))
+        await self._unix.start()
+
+    def set_certificate(self, cert_pem: str, key_pem: str, fingerprint: str) -> None:
+        """The cluster certificate: what both TLS listeners present, and what members must present."""
+        self._tls_context = server_context(cert_pem, key_pem)
+        self._member_context = server_context(cert_pem, key_pem, require_client_cert=True)
+        self._cluster_fingerprint = fingerprint
+
+    async def start_member(self, host: str) -> None:
+        assert self._tls_context is not None, "set_certificate first"
+        self._member = _Running(self._app(), bind_tcp(f"{host}:0"),
+                                tls_http_protocol("member", self.limits, lambda: self._member_context,
+                                                  self._accept_member))
+        await self._member.start()
+
+    def _accept_member(self, fingerprint: str, _transport: TLSTransport) -> bool:
+        ok = bool(fingerprint) and hmac.compare_digest(fingerprint, self._cluster_fingerprint)
+        if not ok:
+            log.warning("member listener: refused a peer without the cluster certificate")
+        return ok
+
+    def _accept_client(self, fingerprint: str, transport: TLSTransport) -> bool:
+        if self.on_https_client is not None:
+            self.on_https_client(fingerprint, transport)
+        return True
+
+    async def set_https(self, address: str) -> None:
+        """Listen on ``address`` (``host:port``) instead of wherever before; "" stops. A bind error is
+        raised before anything changes."""
+        if self._https is not None and address == address_of(self._https.sock):
+            return
+        new = None
+        if address:
+            assert self._tls_context is not None, "set_certificate first"
+            try:
+                sock = bind_tcp(address)
+            except OSError as exc:
+                raise BadRequest(f"cannot listen on {address}: {exc.strerror}") from None
+            new = _Running(self._app(), sock, tls_http_protocol("https", self.limits, lambda: self._tls_context,
+                                                             self._accept_client))
+            await new.start()
+        old, self._https = self._https, new
+        if old is not None:
+            await old.stop()
 
     @property
     def member_address(self) -> str:
         """host:port of the member listener ("" without one)."""
-        if self._tcp is None:
-            return ""
-        host, port = self._tcp.getsockname()[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return address_of(self._member.sock) if self._member is not None else ""
+
+    @property
+    def https_address(self) -> str:
+        return address_of(self._https.sock) if self._https is not None else ""
 
     async def stop(self) -> None:
-        self._server.should_exit = True
-        if self._task is not None:
-            with contextlib.suppress(Exception):
-                await self._task
-        self._sock.close()
-        if self._tcp is not None:
-            self._tcp.close()
+        for running in (self._https, self._member, self._unix):
+            if running is not None:
+                await running.stop()
+        self._unix_sock.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+

@@ -149,7 +149,6 @@ class BrokerProcess:
 
     def __init__(self) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="ebbench-", dir="/tmp"))
-        self.base.chmod(0o755)
         self.data_dir = self.base / "data"
         self.home = self.base / "home"  # lxc client config lives here, never in the caller's HOME
         self.home.mkdir()
@@ -172,7 +171,7 @@ class BrokerProcess:
     def start(self) -> None:
         """Popen `execbroker up`, then wait for its "serving on" line."""
         env = {**os.environ, "EXECBROKER_DIR": str(self.data_dir), "RAY_TMPDIR": str(self.base / "ray"),
-               "EXECBROKER_SOCKET_MODE": "666", "PYTHONUNBUFFERED": "1"}
+               "PYTHONUNBUFFERED": "1"}
         self._t0 = time.perf_counter()
         self.proc = subprocess.Popen([str(BIN / "execbroker"), "up"], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)

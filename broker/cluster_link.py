@@ -1,12 +1,15 @@
-"""ClusterLink: one agent's connection to the rest of the cluster, all over Ray.
+"""ClusterLink: one agent's connection to the rest of the cluster.
 
+Over Ray (no payload, only who is where):
 - membership: which members exist (directory) and which are alive (Ray's node table), refreshed every
   ``PERIOD`` seconds; a member whose Ray node is dead is lost;
-- registration: the member record, its instances and live operations, re-sent whenever the directory's
-  incarnation changes (soft state);
+- registration: the member record (member-listener and HTTPS addresses), its instances and live
+  operations, re-sent whenever the directory's incarnation changes (soft state).
+
+Over the member link (mutual TLS, broker/member_link.py):
 - fan-out: operation and lifecycle events of local origin, batched per loop tick, to every other alive
-  agent (one ordered stream of actor calls per peer, so each operation's events stay in order);
-- calls: ``call(member, method, *args)`` on another member's agent, with Ray failures mapped to a clear
+  member (one ordered stream per peer, so each operation's events stay in order);
+- calls: ``call(member, method, *args)`` on another member's NodeService, failures mapped to a clear
   503 naming the member.
 """
 
@@ -20,15 +23,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
 
 from broker.directory import DIRECTORY_NAME, make_actor
+from broker.member_link import MemberLink
 from core.errors import ApiError, Unavailable
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "execbroker"
 PERIOD = 1.0
+EVENT_BACKLOG = 1000  # event batches queued for one peer; past that the oldest are dropped (and logged)
 
 
 def agent_name(node_id: str) -> str:
@@ -39,9 +43,10 @@ def agent_name(node_id: str) -> str:
 class MemberInfo:
     name: str
     node_id: str
-    address: str
+    address: str  # its member listener
     alive: bool
-    instances: tuple[str, ...]
+    instances: tuple[str, ...]  # instance keys
+    https: str = ""  # its HTTPS listener, if it has one
 
 
 def head_affinity() -> dict[str, Any]:
@@ -59,21 +64,26 @@ def get_directory() -> Any:
 
 
 class ClusterLink:
-    def __init__(self, name: str, node_id: str, address: str,
+    def __init__(self, name: str, node_id: str, address: str, member_link: MemberLink,
                  inventory: Callable[[], tuple[list[str], list[str]]],
                  on_member_lost: Callable[[str], None],
-                 on_members: Callable[[int], None] | None = None) -> None:
+                 on_members: Callable[[int], None] | None = None,
+                 https: Callable[[], str] = lambda: "") -> None:
         self.name = name
         self.node_id = node_id
         self.address = address
+        self.member_link = member_link
+        self._https = https
+        self._registered_https = ""
         self._inventory = inventory
         self._on_member_lost = on_member_lost
         self._on_members = on_members
         self.directory = get_directory()
         self.members: dict[str, MemberInfo] = {}
         self._epoch = ""
-        self._handles: dict[str, Any] = {}
         self._events: list[tuple[str, dict[str, Any], str]] = []
+        self._outboxes: dict[str, asyncio.Queue[list[tuple[str, dict[str, Any], str]]]] = {}
+        self._senders: dict[str, asyncio.Task[None]] = {}
         self._ops_new: list[str] = []
         self._ops_gone: list[str] = []
         self._flush_scheduled = False
@@ -86,10 +96,12 @@ class ClusterLink:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in [self._task, *self._senders.values()]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.member_link.aclose()
 
     async def _loop(self) -> None:
         while True:
@@ -102,26 +114,28 @@ class ClusterLink:
     async def refresh(self) -> None:
         """Re-register if the directory is new, then rebuild the member table."""
         epoch = await self.directory.epoch.remote()
-        if epoch != self._epoch:
+        https = self._https()
+        if epoch != self._epoch or https != self._registered_https:
             instances, ops = self._inventory()
             epoch, clashes = await self.directory.register_member.remote(
-                self.name, self.node_id, self.address, instances, ops)
+                self.name, self.node_id, self.address, instances, ops, https)
             if clashes:
                 log.error("instances also owned by another member, not registered here: %s", clashes)
-            self._epoch = epoch
+            self._epoch, self._registered_https = epoch, https
         table = await self.directory.members.remote()
         alive = await asyncio.get_running_loop().run_in_executor(None, _alive_node_ids)
         before = self.members
         self.members = {
             name: MemberInfo(name, str(m["node_id"]), str(m["address"]), str(m["node_id"]) in alive,
-                             tuple(m["instances"]))  # type: ignore[arg-type]
+                             tuple(m["instances"]), str(m.get("https", "")))  # type: ignore[arg-type]
             for name, m in table.items()
         }
         for name, info in self.members.items():
             old = before.get(name)
             if not info.alive and (old is None or old.alive or old.node_id != info.node_id):
-                self._handles.pop(name, None)
                 self._on_member_lost(name)
+            if old is not None and old.address != info.address:
+                await self.member_link.forget(old.address)
         peers = any(i.alive and n != self.name for n, i in self.members.items())
         if peers and not self._peers:  # a first peer: from now on it may ask about our live operations
             self.directory.add_ops.remote(self.name, self._inventory()[1])
@@ -193,9 +207,29 @@ class ClusterLink:
             batch, self._events = self._events, []
             for info in self.members.values():
                 if info.alive and info.name != self.name:
-                    handle = self._handle(info)
-                    if handle is not None:
-                        handle.receive_events.remote(self.name, batch)
+                    self._enqueue(info.name, batch)
+
+    def _enqueue(self, member: str, batch: list[tuple[str, dict[str, Any], str]]) -> None:
+        outbox = self._outboxes.get(member)
+        if outbox is None:
+            outbox = self._outboxes[member] = asyncio.Queue()
+            self._senders[member] = asyncio.get_running_loop().create_task(self._send_events(member, outbox))
+        if outbox.qsize() >= EVENT_BACKLOG:
+            outbox.get_nowait()
+            log.warning("events for member %s dropped: it is %d batches behind", member, EVENT_BACKLOG)
+        outbox.put_nowait(batch)
+
+    async def _send_events(self, member: str, outbox: asyncio.Queue[list[tuple[str, dict[str, Any], str]]]) -> None:
+        """One ordered stream of event batches to one peer (each waits for the one before)."""
+        while True:
+            batch = await outbox.get()
+            info = self.members.get(member)
+            if info is None or not info.alive:
+                continue
+            try:
+                await self.member_link.send_events(member, info.address, batch)
+            except Unavailable as exc:
+                log.warning("events for member %s lost: %s", member, exc.message)
 
     # -- calls to other members ---------------------------------------------------------------------
     def member(self, name: str) -> MemberInfo:
@@ -204,33 +238,16 @@ class ClusterLink:
             raise Unavailable(f"Cluster member {name} is unknown")
         return info
 
-    def _handle(self, info: MemberInfo) -> Any:
-        handle = self._handles.get(info.name)
-        if handle is None:
-            try:
-                handle = ray.get_actor(agent_name(info.node_id), namespace=NAMESPACE)
-            except ValueError:
-                return None
-            self._handles[info.name] = handle
-        return handle
-
     async def call(self, member: str, method: str, *args: Any, timeout: float | None = None) -> Any:
         """``method(*args)`` on ``member``'s NodeService; its ApiError is raised here as is."""
         info = self.member(member)
         if not info.alive:
             raise Unavailable(f"Cluster member {member} is offline")
-        handle = self._handle(info)
-        if handle is None:
-            raise Unavailable(f"Cluster member {member} has no agent")
-        try:
-            ref = handle.call.remote(self.name, method, args)
-            status, value = await (asyncio.wait_for(ref, timeout) if timeout else ref)
-        except (RayActorError, GetTimeoutError, asyncio.TimeoutError) as exc:
-            self._handles.pop(member, None)
-            raise Unavailable(f"Cluster member {member} is unreachable: {type(exc).__name__}") from None
-        if status == "error":
-            raise ApiError(value[1], value[0])
-        return value
+        return await self.member_link.call(member, info.address, method, args, timeout)
+
+    def https_addresses(self) -> list[str]:
+        """Where clients may reach the cluster: every alive member's HTTPS listener."""
+        return sorted(i.https for i in self.members.values() if i.alive and i.https)
 
     async def gather_peers(self, method: str, *args: Any) -> dict[str, Any]:
         """``method(*args)`` on every other alive member; members that fail are left out."""

@@ -22,8 +22,9 @@ OP_LIMIT = 100_000  # operations are short-lived; the oldest mappings go first b
 class Member:
     name: str
     node_id: str
-    address: str  # host:port of the member's API listener for member-to-member traffic
-    instances: set[str] = field(default_factory=set)
+    address: str  # host:port of the member's listener for member-to-member traffic
+    instances: set[str] = field(default_factory=set)  # instance keys (records.key)
+    https: str = ""  # host:port of its HTTPS listener for clients ("" without one)
 
 
 class DirectoryState:
@@ -36,14 +37,14 @@ class DirectoryState:
         self.ops: OrderedDict[str, str] = OrderedDict()  # operation id -> member
 
     def register_member(self, name: str, node_id: str, address: str, instances: list[str],
-                        ops: list[str]) -> list[str]:
+                        ops: list[str], https: str = "") -> list[str]:
         """A (re)started agent's full state; returns its instances already owned by another member."""
         old = self.members.get(name)
         if old is not None:
             for inst in old.instances:
                 if self.owner.get(inst) == name:
                     del self.owner[inst]
-        member = Member(name, node_id, address)
+        member = Member(name, node_id, address, https=https)
         self.members[name] = member
         clashes = []
         for inst in instances:
@@ -87,13 +88,14 @@ class DirectoryState:
         return self.ops.get(op_id)
 
     def member_table(self) -> dict[str, dict[str, object]]:
-        return {m.name: {"node_id": m.node_id, "address": m.address, "instances": sorted(m.instances)}
-                for m in self.members.values()}
+        return {m.name: {"node_id": m.node_id, "address": m.address, "instances": sorted(m.instances),
+                         "https": m.https} for m in self.members.values()}
 
     def load_members(self, table: dict[str, dict[str, object]]) -> None:
         """A restarted directory's memory of members (a lost one cannot re-register its instances)."""
         for name, m in table.items():
-            member = Member(name, str(m["node_id"]), str(m["address"]), set(m["instances"]))  # type: ignore[arg-type]
+            member = Member(name, str(m["node_id"]), str(m["address"]), set(m["instances"]),  # type: ignore[arg-type]
+                            str(m.get("https", "")))
             self.members[name] = member
             for inst in member.instances:
                 self.owner.setdefault(inst, name)
@@ -130,8 +132,8 @@ def make_actor():  # type: ignore[no-untyped-def]
             return self.state.epoch
 
         def register_member(self, name: str, node_id: str, address: str, instances: list[str],
-                            ops: list[str]) -> tuple[str, list[str]]:
-            clashes = self.state.register_member(name, node_id, address, instances, ops)
+                            ops: list[str], https: str = "") -> tuple[str, list[str]]:
+            clashes = self.state.register_member(name, node_id, address, instances, ops, https)
             self._save()
             return self.state.epoch, clashes
 

@@ -1,25 +1,33 @@
 """The front end every node's API calls: it works out which member owns an instance or operation and
-either answers locally (NodeService) or forwards to the owner's agent over Ray (spec §10).
+either answers locally (NodeService) or forwards to the owner over the member link (spec §10).
 
-Without a cluster link (tests of one node) everything is local.
+Instances are named by (project, name): the directory knows them by key (``records.key``). The caller's
+identity travels with every forwarded call, so the owner checks the same projects again. Without a
+cluster link (tests of one node) everything is local.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.cluster_link import ClusterLink
 from broker.members import member_json, offline_instance
 from broker.placement import choose_member
 from broker.remote_ops import RemoteOps
-from core.errors import ApiError, BadRequest, NotFound, Unavailable
+from core import projects
+from core.errors import ApiError, BadRequest, Forbidden, NotFound, Unavailable
 from core.events import Listener
 from core.execspec import parse_exec_post
 from core.identity import Identity
 from node_agent.render import instance_url
+from node_agent.runtime.records import key as instance_key
+from node_agent.runtime.records import split_key
 from node_agent.service import NodeService, check_instance_name
 from node_agent.session import ExecSession
+
+if TYPE_CHECKING:
+    from broker.admin import Admin
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -30,41 +38,41 @@ class Frontend:
     def __init__(self, service: NodeService, link: ClusterLink | None = None) -> None:
         self.local = service
         self.link = link
+        self.admin: Admin | None = None
         self.name = service.server_name
-        self._owner_cache: dict[str, str] = {}
+        self._owner_cache: dict[str, str] = {}  # instance key -> member
         self.remote = RemoteOps()
 
     # -- ownership ----------------------------------------------------------------------------------
-    def _is_local_instance(self, name: str) -> bool:
-        return self.local.instances.exists(name)
-
-    async def _instance_owner(self, name: str, fresh: bool = False) -> str:
-        check_instance_name(name)
-        if self.link is None or self._is_local_instance(name):
+    async def _instance_owner(self, key: str, fresh: bool = False) -> str:
+        if self.link is None or self.local.instances.exists(key):
             return self.name
-        if not fresh and name in self._owner_cache:
-            return self._owner_cache[name]
-        member = await self.link.locate_instance(name)
+        if not fresh and key in self._owner_cache:
+            return self._owner_cache[key]
+        member = await self.link.locate_instance(key)
         if member is None or member == self.name:
-            self._owner_cache.pop(name, None)
+            self._owner_cache.pop(key, None)
             raise NotFound("Instance not found")
-        self._owner_cache[name] = member
+        self._owner_cache[key] = member
         return member
 
-    async def _on_instance(self, name: str, method: str, *args: Any) -> Any:
-        owner = await self._instance_owner(name)
+    async def _on_instance(self, project: str, name: str, method: str, *args: Any) -> Any:
+        """``method(project, name, *args)`` on the instance's owner."""
+        check_instance_name(name)
+        key = instance_key(project, name)
+        owner = await self._instance_owner(key)
         if owner == self.name:
-            return await _maybe_await(getattr(self.local, method)(*args))
+            return await _maybe_await(getattr(self.local, method)(project, name, *args))
         assert self.link is not None
         try:
-            return await self.link.call(owner, method, *args)
+            return await self.link.call(owner, method, project, name, *args)
         except ApiError as exc:
             if exc.status != 404 or exc.message != "Instance not found":
                 raise
-        owner = await self._instance_owner(name, fresh=True)  # stale cache: ask the directory again
+        owner = await self._instance_owner(key, fresh=True)  # stale cache: ask the directory again
         if owner == self.name:
-            return await _maybe_await(getattr(self.local, method)(*args))
-        return await self.link.call(owner, method, *args)
+            return await _maybe_await(getattr(self.local, method)(project, name, *args))
+        return await self.link.call(owner, method, project, name, *args)
 
     async def _op_owner_of(self, op_id: str) -> str:
         try:
@@ -79,16 +87,17 @@ class Frontend:
             raise NotFound("Operation not found")
         return owner
 
-    async def _on_op(self, op_id: str, method: str, *args: Any) -> Any:
+    async def _on_op(self, op_id: str, method: str, who: Identity, *args: Any) -> Any:
+        """``method(op_id, *args, who)`` on the operation's owner."""
         owner = await self._op_owner_of(op_id)
         if owner == self.name:
-            return await _maybe_await(getattr(self.local, method)(op_id, *args))
+            return await _maybe_await(getattr(self.local, method)(op_id, *args, who))
         assert self.link is not None
         try:
-            return await self.link.call(owner, method, op_id, *args)
+            return await self.link.call(owner, method, op_id, *args, who)
         except Unavailable:
             lost = self.remote.lost(op_id, owner)
-            if lost is None or method == "cancel_operation":
+            if lost is None or method == "cancel_operation" or not who.allows(self.remote.project.get(op_id, "")):
                 raise
             return lost
 
@@ -97,7 +106,7 @@ class Frontend:
         """Events of another member, delivered in order; re-published locally, never forwarded again."""
         for event_type, metadata, project in batch:
             if event_type == "operation":
-                self.remote.remember(metadata, member)
+                self.remote.remember(metadata, member, project)
             self.local.hub.publish(event_type, metadata, project, location=member, forwarded=True)
 
     def member_lost(self, member: str) -> None:
@@ -105,14 +114,12 @@ class Frontend:
         for op_id in self.remote.running_on(member):
             lost = self.remote.lost(op_id, member)
             if lost is not None:
-                self.local.hub.publish("operation", lost, "default", location=member, forwarded=True)
-        for name in [n for n, m in self._owner_cache.items() if m == member]:
-            del self._owner_cache[name]
+                self.local.hub.publish("operation", lost, self.remote.project.get(op_id, projects.DEFAULT),
+                                       location=member, forwarded=True)
+        for key in [k for k, m in self._owner_cache.items() if m == member]:
+            del self._owner_cache[key]
 
     # -- server and cluster -------------------------------------------------------------------------
-    def server_info(self, who: Identity) -> dict[str, Any]:
-        return self.local.server_info(who)
-
     def cluster(self) -> dict[str, Any]:
         return {"server_name": self.name, "enabled": self.local.clustered, "member_config": []}
 
@@ -130,58 +137,82 @@ class Frontend:
         return member_json(self.link.member(name))
 
     # -- instances ----------------------------------------------------------------------------------
-    async def list_instances(self, recursion: int) -> list[Any]:
-        result = list(self.local.list_instances(recursion))
-        if self.link is None:
-            return result
-        for part in (await self.link.gather_peers("list_instances", recursion)).values():
-            result.extend(part)
-        for info in self.link.members.values():
-            if not info.alive:
-                for name in info.instances:
-                    result.append(instance_url(name) if recursion == 0 else offline_instance(name, info.name))
-        return sorted(result, key=lambda i: i if isinstance(i, str) else i["name"])
+    async def list_instances(self, project: str | None, recursion: int, who: Identity) -> list[Any]:
+        """The instances of ``project`` on every member (None: of every project ``who`` may see)."""
+        result = list(self.local.list_instances(project, recursion))
+        if self.link is not None:
+            for part in (await self.link.gather_peers("list_instances", project, recursion)).values():
+                result.extend(part)
+            for info in self.link.members.values():
+                if info.alive:
+                    continue
+                for key in info.instances:
+                    kproject, name = split_key(key)
+                    if project is None or kproject == project:
+                        result.append(instance_url(name, kproject) if recursion == 0
+                                      else offline_instance(name, kproject, info.name))
+        if project is None:
+            result = [i for i in result if who.allows(_project_of(i))]
+        return sorted(result, key=lambda i: i if isinstance(i, str) else (i["project"], i["name"]))
 
-    def _lost_owner(self, name: str) -> str | None:
+    async def projects_in_use(self) -> dict[str, list[str]]:
+        """project -> the URLs of its instances, on every member."""
+        used = self.local.projects_in_use()
+        if self.link is not None:
+            for part in (await self.link.gather_peers("projects_in_use")).values():
+                for project, urls in part.items():
+                    used.setdefault(project, []).extend(urls)
+            for info in self.link.members.values():
+                if not info.alive:
+                    for key in info.instances:
+                        kproject, name = split_key(key)
+                        used.setdefault(kproject, []).append(instance_url(name, kproject))
+        return used
+
+    def _lost_owner(self, key: str) -> str | None:
         if self.link is None:
             return None
         for info in self.link.members.values():
-            if not info.alive and name in info.instances:
+            if not info.alive and key in info.instances:
                 return info.name
         return None
 
-    async def get_instance(self, name: str, recursion: int = 1) -> dict[str, Any]:
+    async def get_instance(self, project: str, name: str, recursion: int = 1) -> dict[str, Any]:
         try:
-            return await self._on_instance(name, "get_instance", name, recursion)
+            return await self._on_instance(project, name, "get_instance", recursion)
         except Unavailable:
-            member = self._lost_owner(name)
+            member = self._lost_owner(instance_key(project, name))
             if member is None:
                 raise
-            return offline_instance(name, member)
+            return offline_instance(name, project, member)
 
-    async def get_instance_state(self, name: str) -> dict[str, Any]:
-        return await self._on_instance(name, "get_instance_state", name)
+    async def get_instance_state(self, project: str, name: str) -> dict[str, Any]:
+        return await self._on_instance(project, name, "get_instance_state")
 
-    async def create_instance(self, body: dict[str, Any], who: Identity, target: str | None) -> dict[str, Any]:
+    async def create_instance(self, project: str, body: dict[str, Any], who: Identity,
+                              target: str | None) -> dict[str, Any]:
         name = body.get("name")
         if not isinstance(name, str) or not name:
             raise BadRequest("Instance name is required")
         check_instance_name(name)
         if self.link is None:
-            return self.local.create_instance(body, who)
+            return self.local.create_instance(project, body, who)
+        if target and who.restricted:
+            raise Forbidden("Certificate is restricted")  # restricted clients may not choose members
+        key = instance_key(project, name)
         member = await self._place(target)
-        await self.link.claim_instance(name, member)
+        await self.link.claim_instance(key, member)
         try:
             if member == self.name:
-                op = self.local.create_instance(body, who)
+                op = self.local.create_instance(project, body, who)
             else:
-                op = await self.link.call(member, "create_instance", body, who)
+                op = await self.link.call(member, "create_instance", project, body, who)
         except BaseException:
-            self.link.release_instance(name, member)
+            self.link.release_instance(key, member)
             raise
-        self._owner_cache[name] = member
+        self._owner_cache[key] = member
         if member != self.name:
-            self.remote.remember(op, member)
+            self.remote.remember(op, member, project)
         return op
 
     async def _place(self, target: str | None) -> str:
@@ -192,30 +223,31 @@ class Frontend:
         counts = {} if target else await self.link.instance_counts()  # fresh: never a stale table
         return choose_member(target, alive, counts, self.name)
 
-    async def update_instance(self, name: str, body: dict[str, Any], who: Identity) -> None:
-        await self._on_instance(name, "update_instance", name, body, who)
+    async def update_instance(self, project: str, name: str, body: dict[str, Any], who: Identity) -> None:
+        await self._on_instance(project, name, "update_instance", body, who)
 
-    async def delete_instance(self, name: str, who: Identity) -> dict[str, Any]:
-        return await self._forwarded_op(name, "delete_instance", name, who)
+    async def delete_instance(self, project: str, name: str, who: Identity) -> dict[str, Any]:
+        return await self._forwarded_op(project, name, "delete_instance", who)
 
-    async def change_state(self, name: str, body: dict[str, Any], who: Identity) -> dict[str, Any]:
-        return await self._forwarded_op(name, "change_state", name, body, who)
+    async def change_state(self, project: str, name: str, body: dict[str, Any], who: Identity) -> dict[str, Any]:
+        return await self._forwarded_op(project, name, "change_state", body, who)
 
-    async def _forwarded_op(self, name: str, method: str, *args: Any) -> dict[str, Any]:
-        owner = await self._instance_owner(name)
-        op: dict[str, Any] = await self._on_instance(name, method, *args)
+    async def _forwarded_op(self, project: str, name: str, method: str, *args: Any) -> dict[str, Any]:
+        check_instance_name(name)
+        owner = await self._instance_owner(instance_key(project, name))
+        op: dict[str, Any] = await self._on_instance(project, name, method, *args)
         if owner != self.name:
-            self.remote.remember(op, owner)
+            self.remote.remember(op, owner, project)
         return op
 
     # -- exec ---------------------------------------------------------------------------------------
-    async def exec(self, name: str, body: bytes, who: Identity) -> dict[str, Any]:
+    async def exec(self, project: str, name: str, body: bytes, who: Identity) -> dict[str, Any]:
         check_instance_name(name)
         post = parse_exec_post(body)  # validation steps 1-4 happen here, once, before any forwarding
         try:
-            op = await self._forwarded_op(name, "exec", name, post, who)
+            op = await self._forwarded_op(project, name, "exec", post, who)
         except Unavailable:
-            member = self._lost_owner(name)
+            member = self._lost_owner(instance_key(project, name))
             if member is None:
                 raise
             raise Unavailable(f"Instance {name} is on cluster member {member}, which is offline") from None
@@ -223,36 +255,57 @@ class Frontend:
             self.remote.forwarded_websocket(op["id"], who)
         return op
 
-    async def exec_output_list(self, name: str) -> list[str]:
-        return await self._on_instance(name, "exec_output_list", name)
+    async def exec_output_list(self, project: str, name: str) -> list[str]:
+        return await self._on_instance(project, name, "exec_output_list")
 
-    async def exec_output_fetch(self, name: str, filename: str) -> int | bytes:
+    async def exec_output_fetch(self, project: str, name: str, filename: str) -> int | bytes:
         """A local file as an fd (streamed), a remote one as bytes."""
-        owner = await self._instance_owner(name)
+        check_instance_name(name)
+        owner = await self._instance_owner(instance_key(project, name))
         if owner == self.name:
-            return self.local.exec_output_open(name, filename)
-        return await self._on_instance(name, "exec_output_read", name, filename)
+            return self.local.exec_output_open(project, name, filename)
+        return await self._on_instance(project, name, "exec_output_read", filename)
 
-    async def exec_output_delete(self, name: str, filename: str) -> None:
-        await self._on_instance(name, "exec_output_delete", name, filename)
+    async def exec_output_delete(self, project: str, name: str, filename: str) -> None:
+        await self._on_instance(project, name, "exec_output_delete", filename)
 
     # -- operations ---------------------------------------------------------------------------------
-    async def list_operations(self, recursion: int, project: str | None) -> dict[str, list[Any]]:
-        merged = self.local.list_operations(recursion, project)
+    async def list_operations(self, project: str | None, recursion: int, who: Identity) -> dict[str, list[Any]]:
+        merged = self.local.list_operations(project, recursion, who)
         if self.link is not None:
-            for part in (await self.link.gather_peers("list_operations", recursion, project)).values():
+            for part in (await self.link.gather_peers("list_operations", project, recursion, who)).values():
                 for status, ops in part.items():
                     merged.setdefault(status, []).extend(ops)
+        if self.admin is not None and not who.restricted and project in (None, projects.DEFAULT):
+            tokens = self.admin.token_operations()  # cluster-wide state: listed once, here
+            if tokens:
+                merged.setdefault("running", []).extend(t if recursion else f"/1.0/operations/{t['id']}"
+                                                        for t in tokens)
         return merged
 
-    async def get_operation(self, op_id: str) -> dict[str, Any]:
-        return await self._on_op(op_id, "get_operation")
+    def _token_op(self, op_id: str, who: Identity) -> dict[str, Any] | None:
+        if self.admin is None or who.restricted:
+            return None
+        return self.admin.token_operation(op_id)
 
-    async def wait_operation(self, op_id: str, timeout: float | None) -> dict[str, Any]:
-        return await self._on_op(op_id, "wait_operation", timeout)
+    async def get_operation(self, op_id: str, who: Identity) -> dict[str, Any]:
+        token = self._token_op(op_id, who)
+        if token is not None:
+            return token
+        return await self._on_op(op_id, "get_operation", who)
 
-    async def cancel_operation(self, op_id: str) -> None:
-        await self._on_op(op_id, "cancel_operation")
+    async def wait_operation(self, op_id: str, timeout: float | None, who: Identity) -> dict[str, Any]:
+        token = self._token_op(op_id, who)
+        if token is not None:
+            return token  # a token stays Running until used or revoked; waiting on it returns at once
+        return await self._on_op(op_id, "wait_operation", who, timeout)
+
+    async def cancel_operation(self, op_id: str, who: Identity) -> None:
+        if self._token_op(op_id, who) is not None:
+            assert self.admin is not None
+            await self.admin.revoke_token(op_id)
+            return
+        await self._on_op(op_id, "cancel_operation", who)
 
     async def websocket_owner(self, op_id: str) -> str:
         """The member that runs an operation (its address when it is another member)."""
@@ -264,6 +317,11 @@ class Frontend:
                 raise Unavailable(f"Cluster member {owner} is offline")
             return info.address
         return ""
+
+    async def dial_owner(self, address: str, op_id: str, secret: str, who: Identity) -> Any:
+        """The owner's exec websocket for a relay (over the member link)."""
+        assert self.link is not None
+        return await self.link.member_link.dial_exec_socket(address, op_id, secret, who)
 
     def precheck_relay(self, op_id: str, secret: str, who: Identity) -> bool:
         return self.remote.precheck_relay(op_id, secret, who)
@@ -278,3 +336,9 @@ class Frontend:
     def unsubscribe(self, listener: Listener) -> None:
         self.local.unsubscribe(listener)
 
+
+def _project_of(item: str | dict[str, Any]) -> str:
+    if isinstance(item, dict):
+        return str(item.get("project", projects.DEFAULT))
+    _, _, query = item.partition("?project=")
+    return query or projects.DEFAULT

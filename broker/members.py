@@ -19,12 +19,12 @@ def member_json(info: MemberInfo) -> dict[str, Any]:
     }
 
 
-def offline_instance(name: str, member: str) -> dict[str, Any]:
+def offline_instance(name: str, project: str, member: str) -> dict[str, Any]:
     """An instance whose member is lost: listed with status Error, never missing."""
     return {
         "name": name, "status": "Error", "status_code": STATUS_CODE["Error"], "location": member,
         "type": "container", "architecture": platform.machine(), "config": {}, "expanded_config": {},
         "devices": {}, "expanded_devices": {}, "profiles": [], "ephemeral": False, "stateful": False,
-        "project": "default", "description": f"Cluster member {member} is offline",
+        "project": project, "description": f"Cluster member {member} is offline",
         "created_at": "0001-01-01T00:00:00Z", "last_used_at": "0001-01-01T00:00:00Z",
     }

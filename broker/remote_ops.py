@@ -20,12 +20,15 @@ class RemoteOps:
     def __init__(self, limit: int = LIMIT) -> None:
         self.limit = limit
         self.owner: OrderedDict[str, str] = OrderedDict()
+        self.project: OrderedDict[str, str] = OrderedDict()
         self._last: OrderedDict[str, dict[str, Any]] = OrderedDict()  # last state seen, by op id
         self._forwarded_ws: OrderedDict[str, tuple[Identity, set[str]]] = OrderedDict()
 
-    def remember(self, op: dict[str, Any], owner: str) -> None:
+    def remember(self, op: dict[str, Any], owner: str, project: str) -> None:
         self.owner[op["id"]] = owner
         self.owner.move_to_end(op["id"])
+        self.project[op["id"]] = project
+        self.project.move_to_end(op["id"])
         self._last[op["id"]] = op
         self._last.move_to_end(op["id"])
         self._trim()
@@ -36,7 +39,7 @@ class RemoteOps:
         self._trim()
 
     def _trim(self) -> None:
-        for cache in (self.owner, self._last, self._forwarded_ws):
+        for cache in (self.owner, self.project, self._last, self._forwarded_ws):
             while len(cache) > self.limit:
                 cache.popitem(last=False)
 

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         "EXECBROKER_DIR": str(directory),
         "EXECBROKER_NODE_NAME": name,
         "EXECBROKER_CLUSTERED": "1" if clustered else "",
-        "EXECBROKER_SOCKET_MODE": os.environ.get("EXECBROKER_SOCKET_MODE", "660"),
+        "EXECBROKER_HTTPS": getattr(args, "https", None) or os.environ.get("EXECBROKER_HTTPS", ""),
         "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
     }
     os.environ.update(env)
@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         default = os.environ.get("EXECBROKER_DEFAULT_INSTANCE", "c1")
         if default and not address:
             ray.get(agent.ensure_instance.remote(default))
-        print(f"execbroker: serving on {info['socket']} (member {name}, node {node_ip}, "
+        https = f", https {info['https']}" if info.get("https") else ""
+        print(f"execbroker: serving on {info['socket']}{https} (member {name}, node {node_ip}, "
               f"driver {info['driver']}, ready in {time.monotonic() - started:.1f}s)", flush=True)
         if not address:
             print(f"execbroker: other nodes join with: execbroker up --address {node.address}", flush=True)

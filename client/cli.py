@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dir", help="data directory (default $EXECBROKER_DIR or /var/lib/execbroker)")
     up.add_argument("--node-ip", help="IP address Ray advertises for this node")
     up.add_argument("--port", type=int, help="head only: Ray GCS port (default: a free one)")
+    up.add_argument("--https", metavar="IP:PORT",
+                    help="also serve HTTPS here (sets core.https_address; kept across restarts)")
     up.add_argument("--cluster", action="store_true",
                     help="head only: report as a cluster member from the start (joining nodes always do)")
 

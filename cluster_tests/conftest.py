@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Endpoint, assert_no_leftovers, wait_for
+from tests.conftest import Endpoint, assert_no_leftovers, private_base, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "deploy" / "local-cluster.sh"
@@ -70,11 +69,9 @@ def _members_online(ep: Endpoint, n: int) -> bool:
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
-    base = Path(tempfile.mkdtemp(prefix="ebc-", dir="/tmp"))
-    base.chmod(0o755)
+    base = private_base("ebc-")
     (base / "home").mkdir()
-    env = {**os.environ, **FAST_HEALTH, "RAY_TMPDIR": str(base / "ray"), "EXECBROKER_DEFAULT_INSTANCE": "",
-           "EXECBROKER_SOCKET_MODE": "666"}
+    env = {**os.environ, **FAST_HEALTH, "RAY_TMPDIR": str(base / "ray"), "EXECBROKER_DEFAULT_INSTANCE": ""}
     c = Cluster(base, env)
     try:
         c.script("up", "3", str(base))

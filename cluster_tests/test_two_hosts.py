@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Endpoint, assert_no_leftovers, wait_for
+from tests.conftest import Endpoint, assert_no_leftovers, private_base, wait_for
 
 EB = str(Path(sys.executable).parent / "execbroker")
 pytestmark = pytest.mark.skipif(shutil.which("ip") is None or os.geteuid() != 0,
@@ -70,8 +69,7 @@ def two_hosts() -> Iterator[tuple[Host, Host, Path]]:
     tag = secrets.token_hex(3)
     net = f"10.{200 + int(tag[:2], 16) % 50}.{int(tag[2:4], 16)}"
     a, b = Host(f"eba-{tag}", f"{net}.1"), Host(f"ebb-{tag}", f"{net}.2")
-    base = Path(tempfile.mkdtemp(prefix="eb2h-", dir="/tmp"))
-    base.chmod(0o755)
+    base = private_base("eb2h-")
     (base / "home").mkdir()
     try:
         for h in (a, b):
@@ -94,7 +92,7 @@ def two_hosts() -> Iterator[tuple[Host, Host, Path]]:
 
 def test_exec_forwarded_between_two_hosts(two_hosts: tuple[Host, Host, Path]) -> None:
     a, b, base = two_hosts
-    env = {**os.environ, "RAY_TMPDIR": str(base / "ray"), "EXECBROKER_SOCKET_MODE": "666"}
+    env = {**os.environ, "RAY_TMPDIR": str(base / "ray")}
     a.start("--cluster", "--node-name", "hosta", "--node-ip", a.address, "--dir", str(base / "a"),
             env={**env, "EXECBROKER_DEFAULT_INSTANCE": "c1"})
     wait_for(a.serving, 180, "host a serving")

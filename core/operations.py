@@ -140,6 +140,8 @@ class OperationRegistry:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancel: dict[str, CancelFn] = {}
         self._expiry: dict[str, asyncio.TimerHandle] = {}
+        self.max_per_requestor: int | None = None  # live operations one requestor may have
+        self._live: dict[tuple[str, str], int] = {}  # requestor -> its live (not final) operations
 
     def create(
         self,
@@ -151,6 +153,9 @@ class OperationRegistry:
         project: str = "default",
         may_cancel: bool = False,
     ) -> Operation:
+        who = _requestor_key(requestor)
+        if self.max_per_requestor is not None and self._live.get(who, 0) >= self.max_per_requestor:
+            raise ApiError(f"Too many running operations for {who[0]} (limit {self.max_per_requestor})", 429)
         op = Operation(
             cls=cls,
             description=description,
@@ -164,6 +169,7 @@ class OperationRegistry:
         )
         self._ops[op.id] = op
         self._done[op.id] = asyncio.Event()
+        self._live[who] = self._live.get(who, 0) + 1
         self._changed(op)
         return op
 
@@ -200,6 +206,12 @@ class OperationRegistry:
     def _changed(self, op: Operation) -> None:
         self._on_change(op)
         if op.status.final:
+            who = _requestor_key(op.requestor)
+            left = self._live.get(who, 1) - 1
+            if left > 0:
+                self._live[who] = left
+            else:
+                self._live.pop(who, None)
             self._done[op.id].set()
             loop = asyncio.get_running_loop()
             self._expiry[op.id] = loop.call_later(self.retention, self._expire, op.id)
@@ -251,3 +263,7 @@ class OperationRegistry:
         self._ops.clear()
         self._done.clear()
         self._expiry.clear()
+
+
+def _requestor_key(requestor: Identity | None) -> tuple[str, str]:
+    return (requestor.username, requestor.protocol) if requestor is not None else ("", "")

@@ -1,19 +1,23 @@
 #!/bin/sh
-# Installs the Debian packages execbroker needs: busybox-static (the busybox instance image), util-linux
+# Installs what execbroker needs from Debian: busybox-static (the busybox instance image), util-linux
 # (nsenter, for the benchmark baseline); with --test also lxd-client (the real `lxc` client the tests
-# drive). Idempotent: installs only what is missing. Needs root.
+# drive) and acl (tests let one test uid reach a socket with setfacl, never every user).
+# Creates the `execbroker` group: root and its members have full access to the unix socket.
+# Idempotent: installs only what is missing. Needs root.
 set -eu
 pkgs="busybox-static util-linux"
-[ "${1:-}" = "--test" ] && pkgs="$pkgs lxd-client"
+[ "${1:-}" = "--test" ] && pkgs="$pkgs lxd-client acl"
 missing=""
 for p in $pkgs; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
 done
-[ -z "$missing" ] && exit 0
 if [ "$(id -u)" != 0 ]; then
+  [ -z "$missing" ] && exit 0
   echo "system-deps: need root to install:$missing" >&2
   exit 1
 fi
+getent group execbroker >/dev/null || groupadd --system execbroker
+[ -z "$missing" ] && exit 0
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends $missing >/dev/null

@@ -1,9 +1,11 @@
-"""NodeAgent: the Ray actor pinned to one node. Thin: it owns a NodeService, the front end and the
-cluster link, and serves the API inside its own event loop (as Ray Serve runs uvicorn inside its
-per-node proxy actor), so a local exec never crosses a process boundary.
+"""NodeAgent: the Ray actor pinned to one node, and the one place that composes api + broker + node.
+Thin: it owns a NodeService, the front end, the cluster state and the cluster link, and serves the API
+inside its own event loop (as Ray Serve runs uvicorn inside its per-node proxy actor), so a local exec
+never crosses a process boundary.
 
 Configuration comes from the node's environment (inherited from the raylet): EXECBROKER_DIR,
-EXECBROKER_NODE_NAME, EXECBROKER_SOCKET_MODE, EXECBROKER_CLUSTERED, EXECBROKER_DRIVER.
+EXECBROKER_NODE_NAME, EXECBROKER_CLUSTERED, EXECBROKER_DRIVER, EXECBROKER_HTTPS (an initial
+``core.https_address``); the rest is server config (``/1.0``), kept in the data dir and the cluster.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import socket
 from pathlib import Path
 from typing import Any
@@ -19,31 +20,32 @@ from typing import Any
 import ray
 
 from api.app import create_app
+from api.auth import admin_gid
+from api.connection import ClientConnections, Limits
 from api.server import ApiServer
-from broker.cluster_link import ClusterLink
+from broker import cluster_cert
+from broker.admin import HTTPS_ADDRESS, Admin, MemberConfig
+from broker.cluster_link import NAMESPACE, ClusterLink, head_affinity
 from broker.frontend import Frontend
+from broker.member_link import MemberLink
+from broker.server_state import ActorAuthority, ServerState
+from broker.state_actor import STATE_NAME
+from broker.state_actor import make_actor as make_state_actor
 from core.errors import ApiError
+from core.replicated import Record
+from core.sealing import Sealer
+from core.server_records import MAX_CONNECTIONS, MAX_OPERATIONS
 from node_agent.service import NodeService
 
 log = logging.getLogger(__name__)
-
-TOKEN_KEY = b"execbroker/cluster-token"
-# What other members may call through ``call``: the NodeService surface, nothing else.
-REMOTE_METHODS = frozenset({
-    "list_instances", "get_instance", "get_instance_state", "create_instance", "update_instance",
-    "delete_instance", "change_state", "exec", "exec_output_list", "exec_output_read", "exec_output_delete",
-    "list_operations", "get_operation", "wait_operation", "cancel_operation",
-})
+STATE_PERIOD = 0.5  # seconds between pulls of the cluster state (a revocation reaches every member in < 2 s)
+DEFAULT_MAX_CONNECTIONS = 10_000
+DEFAULT_MAX_OPERATIONS = 20_000
 
 
-def cluster_token() -> str:
-    """One random secret per Ray cluster (GCS key-value store), shared by every member listener."""
-    from ray.experimental import internal_kv
-
-    internal_kv._internal_kv_put(TOKEN_KEY, secrets.token_hex(32).encode(), overwrite=False)
-    value = internal_kv._internal_kv_get(TOKEN_KEY)
-    assert value is not None
-    return value.decode()
+def get_state_actor() -> Any:
+    return make_state_actor().options(name=STATE_NAME, namespace=NAMESPACE, get_if_exists=True,
+                                      lifetime="detached", **head_affinity()).remote()
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -54,15 +56,17 @@ class NodeAgent:
         self.data_dir = Path(env.get("EXECBROKER_DIR", "/var/lib/execbroker"))
         self.name = env.get("EXECBROKER_NODE_NAME") or socket.gethostname()
         self.clustered = env.get("EXECBROKER_CLUSTERED", "") == "1"
-        self.socket_mode = int(env.get("EXECBROKER_SOCKET_MODE", "660"), 8)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.service = NodeService(self.data_dir, self.name, clustered=self.clustered,
                                    driver=env.get("EXECBROKER_DRIVER", "auto"))
         self.frontend = Frontend(self.service)
+        self.connections = ClientConnections()
+        self.limits = Limits()
         self.server: ApiServer | None = None
         self.link: ClusterLink | None = None
+        self.state: ServerState | None = None
         self._starting: asyncio.Lock | None = None
-        self._watch: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._parent = os.getppid()
 
     async def start(self) -> dict[str, Any]:
@@ -74,26 +78,83 @@ class NodeAgent:
                 await self._start()
         assert self.server is not None
         return {"socket": str(self.server.path), "pid": os.getpid(), "node_id": self.node_id,
-                "name": self.name, "address": self.server.member_address,
+                "name": self.name, "address": self.server.member_address, "https": self.server.https_address,
                 "driver": self.service.instances.driver_name}
 
     async def _start(self) -> None:
+        loop = asyncio.get_running_loop()
         self.service.start()
-        token = await asyncio.get_running_loop().run_in_executor(None, cluster_token)
-        server = ApiServer(create_app(self.frontend, token), self.data_dir / "unix.socket", self.socket_mode,
-                           member_host=await self._node_ip())
-        link = ClusterLink(self.name, self.node_id, server.member_address, self.service.inventory,
-                           on_member_lost=self.frontend.member_lost,
-                           on_members=lambda n: self.service.set_clustered(n > 1))
+        cert = await loop.run_in_executor(None, lambda: cluster_cert.ensure(
+            self.data_dir, cluster_cert.RayKV(), cluster_cert.ray_cluster_secret()))
+        state = ServerState(self.data_dir, ActorAuthority(get_state_actor()))
+        await state.start()
+        state.on_change(self._state_changed)
+        member = MemberConfig(self.data_dir)
+        if os.environ.get("EXECBROKER_HTTPS") and HTTPS_ADDRESS not in member.values:
+            member.values[HTTPS_ADDRESS] = os.environ["EXECBROKER_HTTPS"]
+            member.save()
+        group = admin_gid()
+        if group is None:
+            log.warning("no group 'execbroker': the unix socket is root's only (run deploy/system-deps.sh)")
+        app_server = ApiServer(self.data_dir / "unix.socket", group, self.limits)
+        admin = Admin(state, member, cert.cert_pem, Sealer(cert.key_pem.encode(), "trust tokens"),
+                      addresses=self._https_addresses, location=lambda: self.service.location,
+                      project_in_use=self.frontend.projects_in_use, on_https_address=app_server.set_https)
+        self.frontend.admin = admin
+        app_server.app = create_app(self.frontend, state.records.certificate, group)
+        app_server.set_certificate(cert.cert_pem, cert.key_pem, cert.fingerprint)
+        app_server.on_https_client = self.connections.add
+        self.state, self.server = state, app_server
+        self._apply_limits()
+        link = ClusterLink(self.name, self.node_id, "", MemberLink(self.name, cert.cert_path, cert.key_path),
+                           self.service.inventory, on_member_lost=self.frontend.member_lost,
+                           on_members=lambda n: self.service.set_clustered(n > 1),
+                           https=lambda: app_server.https_address)
+        await app_server.start_member(await self._node_ip())
+        link.address = app_server.member_address
         self.frontend.link = link
         self.service.hub.observers.append(link.local_event)
         self.service.on_op_created = link.op_created
         self.service.on_op_expired = link.op_expired
         self.service.on_instance_deleted = link.instance_deleted
         await link.start()
-        await server.start()
-        self.link, self.server = link, server
-        self._watch = asyncio.get_running_loop().create_task(self._watch_raylet())
+        await app_server.start()
+        if member.values.get(HTTPS_ADDRESS):
+            try:
+                await app_server.set_https(member.values[HTTPS_ADDRESS])
+            except ApiError as exc:
+                log.error("%s=%s: %s", HTTPS_ADDRESS, member.values[HTTPS_ADDRESS], exc.message)
+        self.link = link
+        self._tasks = [loop.create_task(self._watch_raylet()), loop.create_task(self._sync_state())]
+
+    def _https_addresses(self) -> list[str]:
+        """Where a token's holder may reach the cluster: every member's HTTPS listener."""
+        found = self.link.https_addresses() if self.link is not None else []
+        own = self.server.https_address if self.server is not None else ""
+        return sorted({*found, *([own] if own else [])})
+
+    def _state_changed(self, records: list[Record]) -> None:
+        for rec in records:
+            if rec.kind == "certificate" and rec.value is None:
+                cut = self.connections.cut(rec.key)
+                if cut:
+                    log.warning("certificate %s revoked: %d connections closed", rec.key[:12], cut)
+            elif rec.kind == "config":
+                self._apply_limits()
+
+    def _apply_limits(self) -> None:
+        assert self.state is not None
+        self.limits.max_connections = self.state.records.config_int(MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS)
+        self.service.ops.max_per_requestor = self.state.records.config_int(MAX_OPERATIONS, DEFAULT_MAX_OPERATIONS)
+
+    async def _sync_state(self) -> None:
+        assert self.state is not None
+        while True:
+            await asyncio.sleep(STATE_PERIOD)
+            try:
+                await self.state.refresh()
+            except ApiError as exc:
+                log.warning("cluster state: %s", exc.message)
 
     async def _node_ip(self) -> str:
         """The address this node's raylet was started with (what peers reach it at)."""
@@ -121,36 +182,22 @@ class NodeAgent:
         if self.server is None:
             raise RuntimeError("not serving")
 
-    async def call(self, caller: str, method: str, args: tuple[Any, ...]) -> tuple[str, Any]:
-        """Another member's front end calling our NodeService; errors travel as (status, message)."""
-        if method not in REMOTE_METHODS:
-            return "error", (400, f"unknown method {method}")
-        if self.link is not None:
-            await self.link.note_peer(caller)
-        try:
-            value = getattr(self.service, method)(*args)
-            if asyncio.iscoroutine(value):
-                value = await value
-        except ApiError as exc:
-            return "error", (exc.status, exc.message)
-        return "ok", value
-
-    async def receive_events(self, member: str, batch: list[tuple[str, dict[str, Any], str]]) -> None:
-        self.frontend.receive_events(member, batch)
-
     async def ensure_instance(self, name: str, image: str = "busybox") -> bool:
         """Create and start ``name`` when the cluster has no instance at all (``execbroker up``'s c1)."""
-        if await self.frontend.list_instances(0):
+        who = self.service.local_identity()
+        if await self.frontend.list_instances(None, 0, who):
             return False
-        op = await self.frontend.create_instance({"name": name, "source": {"alias": image}, "start": True},
-                                                 self.service.local_identity(), None)
-        result = await self.frontend.wait_operation(op["id"], 60)
+        op = await self.frontend.create_instance("default", {"name": name, "source": {"alias": image}, "start": True},
+                                                 who, None)
+        result = await self.frontend.wait_operation(op["id"], 60, who)
         if result["status_code"] != 200:
             raise RuntimeError(f"creating {name}: {result['err']}")
         return True
 
     async def shutdown(self) -> None:
         """Stop serving and end every session; instances keep running (they are re-adopted on start)."""
+        for task in self._tasks:
+            task.cancel()
         if self.server is not None:
             await self.server.stop()
             self.server = None

@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from core import projects
 from core.errors import ApiError, BadRequest
 from core.execspec import ExecPost, build_environment, exit_result
 from core.identity import Identity
@@ -40,17 +41,17 @@ class Execs:
             raise BadRequest("Instance is not running")
         return inst
 
-    def start(self, name: str, post: ExecPost, who: Identity) -> dict[str, Any]:
-        """Create and start the exec operation; returns it rendered."""
-        inst = self._running_instance(name)
+    def start(self, key: str, post: ExecPost, who: Identity) -> dict[str, Any]:
+        """Create and start the exec operation on instance ``key``; returns it rendered."""
+        inst = self._running_instance(key)
         env = build_environment(post.environment, inst.config, post.user or 0,
-                                lambda p: self.instances.path_exists(name, p))
-        resources = {"instances": [instance_url(name)]}
+                                lambda p: self.instances.path_exists(key, p))
+        resources = {"instances": [instance_url(inst.name, inst.project)]}
         if post.wait_for_websocket:
-            return self._websocket(name, post, env, resources, who)
-        return self._task(name, post, env, {**resources, "containers": resources["instances"]}, who)
+            return self._websocket(key, inst.project, post, env, resources, who)
+        return self._task(key, inst, post, env, {**resources, "containers": resources["instances"]}, who)
 
-    def _websocket(self, name: str, post: ExecPost, env: dict[str, str],
+    def _websocket(self, name: str, project: str, post: ExecPost, env: dict[str, str],
                    resources: dict[str, list[str]], who: Identity) -> dict[str, Any]:
         session = ExecSession(
             post, env,
@@ -59,14 +60,15 @@ class Execs:
             on_started=lambda: self._lifecycle("instance-exec", name, who, {"command": post.command}),
         )
         op = self.ops.create("websocket", "Executing command", resources, session.metadata(), who,
-                             may_cancel=True)
+                             project=project, may_cancel=True)
         self.sessions[op.id] = session
         self.ops.start(op, session.run, session.cancel)
         return render(op)
 
-    def _task(self, name: str, post: ExecPost, env: dict[str, str],
+    def _task(self, name: str, inst: Instance, post: ExecPost, env: dict[str, str],
               resources: dict[str, list[str]], who: Identity) -> dict[str, Any]:
-        op = self.ops.create("task", "Executing command", resources, {}, who, may_cancel=True)
+        op = self.ops.create("task", "Executing command", resources, {}, who, project=inst.project,
+                             may_cancel=True)
         proc: list[Process] = []
 
         async def run(op: Operation) -> None:
@@ -77,8 +79,7 @@ class Execs:
                 if post.record_output:
                     directory = self.instances.exec_output_dir(name)
                     out, err, out_name, err_name = exec_output.create_files(directory, op.id)
-                    base = f"/1.0/instances/{name}/logs/exec-output"
-                    meta["output"] = {"1": f"{base}/{out_name}", "2": f"{base}/{err_name}"}
+                    meta["output"] = {fd: output_url(inst, f) for fd, f in (("1", out_name), ("2", err_name))}
                 req = SpawnRequest(argv=list(post.command), env=env, cwd=post.cwd or "",
                                    uid=post.user or 0, gid=post.group or 0)
                 try:
@@ -120,9 +121,9 @@ class Execs:
 
     # -- record-output files (spec §6) ----------------------------------------------------------------
     def output_list(self, name: str) -> list[str]:
-        self.instances.get(name)
+        inst = self.instances.get(name)
         directory = self.instances.exec_output_dir(name)
-        return [f"/1.0/instances/{name}/logs/exec-output/{f}" for f in exec_output.list_files(directory)]
+        return [output_url(inst, f) for f in exec_output.list_files(directory)]
 
     def output_open(self, name: str, filename: str) -> int:
         self.instances.get(name)
@@ -131,3 +132,7 @@ class Execs:
     def output_delete(self, name: str, filename: str) -> None:
         self.instances.get(name)
         exec_output.delete_file(self.instances.exec_output_dir(name), filename)
+
+
+def output_url(inst: Instance, filename: str) -> str:
+    return f"/1.0/instances/{inst.name}/logs/exec-output/{filename}{projects.query_suffix(inst.project)}"

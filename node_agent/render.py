@@ -5,15 +5,15 @@ from __future__ import annotations
 import platform
 from typing import Any
 
-from core import timefmt
+from core import projects, timefmt
 from node_agent.runtime.instances import Instance
 
 STATUS_CODE = {"Running": 103, "Stopped": 102, "Frozen": 110, "Error": 112}
 ARCH = platform.machine()
 
 
-def instance_url(name: str) -> str:
-    return f"/1.0/instances/{name}"
+def instance_url(name: str, project: str = projects.DEFAULT) -> str:
+    return f"/1.0/instances/{name}{projects.query_suffix(project)}"
 
 
 def render_state(inst: Instance) -> dict[str, Any]:
@@ -42,7 +42,7 @@ def render_instance(inst: Instance, location: str, recursion: int = 1) -> dict[s
         "expanded_devices": {},
         "name": inst.name,
         "profiles": ["default"],
-        "project": "default",
+        "project": inst.project,
         "stateful": False,
         "status": inst.status,
         "status_code": STATUS_CODE[inst.status],

@@ -12,16 +12,26 @@ API_EXTENSIONS = [
     "container_exec_recording", "container_exec_signal_handling", "container_exec_user_group_cwd",
     "instances", "projects", "operation_description", "event_lifecycle", "event_location",
     "event_project", "operations_get_query_all_projects", "operation_wait", "api_filtering", "clustering",
-    "container_full", "instance_get_full",
+    "container_full", "instance_get_full", "certificate_update", "certificate_token", "certificate_project",
+    "certificate_self_renewal", "remote_token_expiry", "projects_restrictions", "instance_all_projects",
 ]
 VERSION = "0.1.0"
 
 
-def render_server(who: Identity, server_name: str, clustered: bool, driver: str) -> dict[str, Any]:
-    """``GET /1.0``: the server's description as the lxc client and pylxd read it."""
+def render_untrusted() -> dict[str, Any]:
+    """``GET /1.0`` for a client whose certificate is not trusted (what Incus shows it)."""
+    return {"api_extensions": API_EXTENSIONS, "api_status": "stable", "api_version": "1.0", "auth": "untrusted",
+            "public": False, "auth_methods": ["tls"]}
+
+
+def render_server(who: Identity, server_name: str, clustered: bool, driver: str,
+                  config: dict[str, str] | None = None, addresses: list[str] | None = None,
+                  certificate: str = "", fingerprint: str = "", project: str = "default") -> dict[str, Any]:
+    """``GET /1.0``: the server's description as the lxc client and pylxd read it (a restricted
+    client sees no config)."""
     uname = os.uname()
     return {
-        "config": {},
+        "config": {} if who.restricted else dict(config or {}),
         "api_extensions": API_EXTENSIONS,
         "api_status": "stable",
         "api_version": "1.0",
@@ -45,7 +55,7 @@ def render_server(who: Identity, server_name: str, clustered: bool, driver: str)
             "lxc_features": {},
             "os_name": "execbroker",
             "os_version": VERSION,
-            "project": "default",
+            "project": project,
             "server": "execbroker",
             "server_clustered": clustered,
             "server_event_mode": "full-mesh",

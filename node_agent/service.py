@@ -1,6 +1,9 @@
 """NodeService: everything one node answers for, as plain methods returning Incus wire JSON.
 
-The HTTP layer (api/) calls this; the Ray actor (node_agent/agent.py) owns one. No HTTP here.
+The front end (broker/frontend.py) calls this, locally or on another member's behalf; the Ray actor
+(node_agent/agent.py) owns one. No HTTP here. Instances are named by (project, name); every method that
+touches an operation is given the caller, and an operation of a project the caller may not see is
+"not found" here too, whoever forwarded the call.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from core import events as ev
-from core.errors import BadRequest
+from core.errors import BadRequest, NotFound
 from core.events import EventHub, Listener
 from core.execspec import ExecPost
 from core.identity import Identity
 from core.operations import Operation, OperationRegistry, Status, render
 from node_agent.execs import Execs
 from node_agent.render import instance_url, render_instance, render_state
+from node_agent.runtime import records
 from node_agent.runtime.instances import InstanceManager
 from node_agent.server_info import render_server
 from node_agent.session import ExecSession
@@ -39,10 +43,10 @@ class NodeService:
         self.ops = OperationRegistry("none", self._op_changed, retention, on_expire=self._op_expired)
         self.clustered = False
         self.set_clustered(clustered)
-        # Cluster hooks (node_agent/cluster_link.py): directory bookkeeping of what this node owns.
+        # Cluster hooks (broker/cluster_link.py): directory bookkeeping of what this node owns.
         self.on_op_created: Callable[[str], None] | None = None
         self.on_op_expired: Callable[[str], None] | None = None
-        self.on_instance_deleted: Callable[[str], None] | None = None
+        self.on_instance_deleted: Callable[[str], None] | None = None  # gets the instance's key
         # One freezer cgroup tree per data dir: two brokers on a host may use the same instance names.
         tree = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:10]
         self.instances = InstanceManager(data_dir, driver=driver, cgroup_parent=f"execbroker-{tree}")
@@ -66,10 +70,12 @@ class NodeService:
         if self.on_op_expired is not None:
             self.on_op_expired(op_id)
 
-    def _lifecycle(self, action: str, name: str, requestor: Identity | None,
+    def _lifecycle(self, action: str, key: str, requestor: Identity | None,
                    context: dict[str, Any] | None = None) -> None:
-        self.hub.publish("lifecycle", ev.lifecycle(action, instance_url(name),
-                                                   requestor.to_json() if requestor else None, context))
+        project, name = records.split_key(key)
+        self.hub.publish("lifecycle", ev.lifecycle(action, instance_url(name, project),
+                                                   requestor.to_json() if requestor else None, context),
+                         project=project)
 
     def set_clustered(self, clustered: bool) -> None:
         """A node is a cluster member (``location`` = its name) once it was told so or a peer joined."""
@@ -82,26 +88,33 @@ class NodeService:
         return Identity(username="root", protocol="unix")
 
     # -- server -------------------------------------------------------------------------------------
-    def server_info(self, who: Identity) -> dict[str, Any]:
-        return render_server(who, self.server_name, self.clustered, self.instances.driver_name)
+    def server_info(self, who: Identity, **extra: Any) -> dict[str, Any]:
+        return render_server(who, self.server_name, self.clustered, self.instances.driver_name, **extra)
 
     # -- instances ----------------------------------------------------------------------------------
-    def list_instances(self, recursion: int) -> list[Any]:
-        insts = sorted(self.instances.list(), key=lambda i: i.name)
+    @staticmethod
+    def _key(project: str, name: str) -> str:
+        check_instance_name(name)
+        return records.key(project, name)
+
+    def list_instances(self, project: str | None, recursion: int) -> list[Any]:
+        """The instances of ``project`` (None: every project)."""
+        insts = sorted((i for i in self.instances.list() if project is None or i.project == project),
+                       key=lambda i: (i.project, i.name))
         if recursion == 0:
-            return [instance_url(i.name) for i in insts]
+            return [instance_url(i.name, i.project) for i in insts]
         return [render_instance(i, self.location, recursion) for i in insts]
 
-    def get_instance(self, name: str, recursion: int = 1) -> dict[str, Any]:
-        check_instance_name(name)
-        return render_instance(self.instances.get(name), self.location, recursion)
+    def get_instance(self, project: str, name: str, recursion: int = 1) -> dict[str, Any]:
+        return render_instance(self.instances.get(self._key(project, name)), self.location, recursion)
 
-    def get_instance_state(self, name: str) -> dict[str, Any]:
-        check_instance_name(name)
-        return render_state(self.instances.get(name))
+    def get_instance_state(self, project: str, name: str) -> dict[str, Any]:
+        return render_state(self.instances.get(self._key(project, name)))
 
-    def _task(self, name: str, description: str, who: Identity, work: Any) -> dict[str, Any]:
-        op = self.ops.create("task", description, {"instances": [instance_url(name)]}, {}, who)
+    def _task(self, key: str, description: str, who: Identity, work: Any) -> dict[str, Any]:
+        project, name = records.split_key(key)
+        op = self.ops.create("task", description, {"instances": [instance_url(name, project)]}, {}, who,
+                             project=project)
 
         async def run(_op: Operation) -> None:
             await work()
@@ -109,11 +122,11 @@ class NodeService:
         self.ops.start(op, run)
         return render(op)
 
-    def create_instance(self, body: dict[str, Any], who: Identity) -> dict[str, Any]:
+    def create_instance(self, project: str, body: dict[str, Any], who: Identity) -> dict[str, Any]:
         name = body.get("name")
         if not isinstance(name, str) or not name:
             raise BadRequest("Instance name is required")
-        check_instance_name(name)
+        key = self._key(project, name)
         source = body.get("source") or {}
         if not isinstance(source, dict):
             raise BadRequest("Invalid source")
@@ -121,43 +134,43 @@ class NodeService:
         config = body.get("config") or {}
         if not isinstance(config, dict) or not all(isinstance(v, str) for v in config.values()):
             raise BadRequest("Invalid config: values must be strings")
-        self.instances.create(name, image=image, config=config)  # validation errors surface synchronously
-        self._lifecycle("instance-created", name, who)
+        self.instances.create(name, image=image, config=config, project=project)  # errors surface here
+        self._lifecycle("instance-created", key, who)
         start = bool(body.get("start"))
 
         async def work() -> None:
             if start:
-                await self.instances.start(name)
-                self._lifecycle("instance-started", name, who)
+                await self.instances.start(key)
+                self._lifecycle("instance-started", key, who)
 
-        return self._task(name, "Creating instance", who, work)
+        return self._task(key, "Creating instance", who, work)
 
-    def update_instance(self, name: str, body: dict[str, Any], who: Identity) -> None:
-        check_instance_name(name)
+    def update_instance(self, project: str, name: str, body: dict[str, Any], who: Identity) -> None:
+        key = self._key(project, name)
         config = body.get("config")
         if config is not None and (not isinstance(config, dict)
                                    or not all(isinstance(v, str) for v in config.values())):
             raise BadRequest("Invalid config: values must be strings")
-        self.instances.update_config(name, config or {})
-        self._lifecycle("instance-updated", name, who)
+        self.instances.update_config(key, config or {})
+        self._lifecycle("instance-updated", key, who)
 
-    def delete_instance(self, name: str, who: Identity) -> dict[str, Any]:
-        check_instance_name(name)
-        inst = self.instances.get(name)
+    def delete_instance(self, project: str, name: str, who: Identity) -> dict[str, Any]:
+        key = self._key(project, name)
+        inst = self.instances.get(key)
         if inst.status != "Stopped":
             raise BadRequest("Instance is running")
 
         async def work() -> None:
-            await self.instances.delete(name)
+            await self.instances.delete(key)
             if self.on_instance_deleted is not None:
-                self.on_instance_deleted(name)
-            self._lifecycle("instance-deleted", name, who)
+                self.on_instance_deleted(key)
+            self._lifecycle("instance-deleted", key, who)
 
-        return self._task(name, "Deleting instance", who, work)
+        return self._task(key, "Deleting instance", who, work)
 
-    def change_state(self, name: str, body: dict[str, Any], who: Identity) -> dict[str, Any]:
-        check_instance_name(name)
-        self.instances.get(name)
+    def change_state(self, project: str, name: str, body: dict[str, Any], who: Identity) -> dict[str, Any]:
+        key = self._key(project, name)
+        self.instances.get(key)
         action = body.get("action")
         timeout = body.get("timeout", 30)
         force = bool(body.get("force", False))
@@ -166,76 +179,89 @@ class NodeService:
         grace = 0.0 if force else (float(timeout) if timeout >= 0 else 30.0)
         m = self.instances
         steps: dict[str, tuple[str, Any]] = {
-            "start": ("Starting instance", lambda: m.start(name)),
-            "stop": ("Stopping instance", lambda: m.stop(name, timeout=grace, force=force)),
-            "freeze": ("Freezing instance", lambda: m.freeze(name)),
-            "unfreeze": ("Unfreezing instance", lambda: m.unfreeze(name)),
+            "start": ("Starting instance", lambda: m.start(key)),
+            "stop": ("Stopping instance", lambda: m.stop(key, timeout=grace, force=force)),
+            "freeze": ("Freezing instance", lambda: m.freeze(key)),
+            "unfreeze": ("Unfreezing instance", lambda: m.unfreeze(key)),
         }
         events = {"start": "instance-started", "stop": "instance-stopped",
                   "freeze": "instance-paused", "unfreeze": "instance-resumed"}
         if action == "restart":
             async def work() -> None:
-                if m.get(name).status != "Stopped":
-                    await m.stop(name, timeout=grace, force=force)
-                await m.start(name)
-                self._lifecycle("instance-restarted", name, who)
-            return self._task(name, "Restarting instance", who, work)
+                if m.get(key).status != "Stopped":
+                    await m.stop(key, timeout=grace, force=force)
+                await m.start(key)
+                self._lifecycle("instance-restarted", key, who)
+            return self._task(key, "Restarting instance", who, work)
         if action not in steps:
             raise BadRequest(f'Unknown state action "{action}"')
         description, step = steps[action]
 
         async def work() -> None:
             await step()
-            self._lifecycle(events[action], name, who)
+            self._lifecycle(events[action], key, who)
 
-        return self._task(name, description, who, work)
+        return self._task(key, description, who, work)
 
     # -- exec ---------------------------------------------------------------------------------------
-    def exec(self, name: str, post: ExecPost, who: Identity) -> dict[str, Any]:
+    def exec(self, project: str, name: str, post: ExecPost, who: Identity) -> dict[str, Any]:
         """POST /1.0/instances/{name}/exec (validated by the front end) -> the rendered operation."""
-        check_instance_name(name)
-        return self.execs.start(name, post, who)
+        return self.execs.start(self._key(project, name), post, who)
 
-    def exec_output_list(self, name: str) -> list[str]:
-        check_instance_name(name)
-        return self.execs.output_list(name)
+    def exec_output_list(self, project: str, name: str) -> list[str]:
+        return self.execs.output_list(self._key(project, name))
 
-    def exec_output_open(self, name: str, filename: str) -> int:
-        check_instance_name(name)
-        return self.execs.output_open(name, filename)
+    def exec_output_open(self, project: str, name: str, filename: str) -> int:
+        return self.execs.output_open(self._key(project, name), filename)
 
-    def exec_output_read(self, name: str, filename: str) -> bytes:
+    def exec_output_read(self, project: str, name: str, filename: str) -> bytes:
         """A recorded file's content (for another member, which cannot stream our fd)."""
-        with os.fdopen(self.exec_output_open(name, filename), "rb") as f:
+        with os.fdopen(self.exec_output_open(project, name, filename), "rb") as f:
             return f.read()
 
-    def exec_output_delete(self, name: str, filename: str) -> None:
-        check_instance_name(name)
-        self.execs.output_delete(name, filename)
+    def exec_output_delete(self, project: str, name: str, filename: str) -> None:
+        self.execs.output_delete(self._key(project, name), filename)
 
     def inventory(self) -> tuple[list[str], list[str]]:
-        """What this node owns, for the directory: instance names and live operation ids."""
-        return [i.name for i in self.instances.list()], [op.id for op in self.ops.list(None)]
+        """What this node owns, for the directory: instance keys and live operation ids."""
+        return ([records.key(i.project, i.name) for i in self.instances.list()],
+                [op.id for op in self.ops.list(None)])
+
+    def projects_in_use(self) -> dict[str, list[str]]:
+        """project -> the URLs of its instances here (``used_by``)."""
+        used: dict[str, list[str]] = {}
+        for inst in sorted(self.instances.list(), key=lambda i: i.name):
+            used.setdefault(inst.project, []).append(instance_url(inst.name, inst.project))
+        return used
 
     # -- operations ---------------------------------------------------------------------------------
-    def list_operations(self, recursion: int, project: str | None) -> dict[str, list[Any]]:
+    def _op(self, op_id: str, who: Identity) -> Operation:
+        op = self.ops.get(op_id)
+        if not who.allows(op.project):
+            raise NotFound("Operation not found")
+        return op
+
+    def list_operations(self, project: str | None, recursion: int, who: Identity) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {}
         for op in self.ops.list(project):
-            out.setdefault(op.status.text.lower(), []).append(render(op) if recursion else op.url)
+            if who.allows(op.project):
+                out.setdefault(op.status.text.lower(), []).append(render(op) if recursion else op.url)
         return out
 
-    def get_operation(self, op_id: str) -> dict[str, Any]:
-        return render(self.ops.get(op_id))
+    def get_operation(self, op_id: str, who: Identity) -> dict[str, Any]:
+        return render(self._op(op_id, who))
 
-    async def wait_operation(self, op_id: str, timeout: float | None) -> dict[str, Any]:
+    async def wait_operation(self, op_id: str, timeout: float | None, who: Identity) -> dict[str, Any]:
+        self._op(op_id, who)
         return render(await self.ops.wait(op_id, timeout))
 
-    async def cancel_operation(self, op_id: str) -> None:
+    async def cancel_operation(self, op_id: str, who: Identity) -> None:
+        self._op(op_id, who)
         await self.ops.cancel(op_id)
 
     def claim_websocket(self, op_id: str, secret: str, who: Identity) -> tuple[ExecSession, str]:
         """All checks of spec §4.4, before the upgrade; the caller must attach or release."""
-        return self.execs.claim_websocket(self.ops.get(op_id), secret, who)
+        return self.execs.claim_websocket(self._op(op_id, who), secret, who)
 
     # -- events -------------------------------------------------------------------------------------
     def subscribe(self, types: str | None, project: str | None) -> Listener:
@@ -251,4 +277,3 @@ class NodeService:
 
 def default_server_name() -> str:
     return socket.gethostname()
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import shutil
@@ -66,6 +67,18 @@ def kill_all(procs: list[tuple[int, str]]) -> None:
             pass
 
 
+ADMIN_GID = grp.getgrnam("execbroker").gr_gid  # created by deploy/system-deps.sh
+
+
+def private_base(prefix: str) -> Path:
+    """A temporary base dir that root and the execbroker group (only) may enter: other identities of the
+    tests act as members of that group, or are let in one by one with an ACL."""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.chown(base, 0, ADMIN_GID)
+    base.chmod(0o710)
+    return base
+
+
 def assert_no_leftovers(base: Path, timeout: float) -> None:
     """The leak check of every fixture that starts brokers: nothing mentioning ``base`` survives its
     teardown. Leftovers fail the run, and are killed so that they do not spoil the next one."""
@@ -122,8 +135,7 @@ class Broker(Endpoint):
 def _start_broker(base: Path) -> Broker:
     data = base / "data"
     (base / "home").mkdir(parents=True)
-    env = {**os.environ, "EXECBROKER_DIR": str(data), "RAY_TMPDIR": str(base / "ray"),
-           "EXECBROKER_SOCKET_MODE": "666", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "EXECBROKER_DIR": str(data), "RAY_TMPDIR": str(base / "ray"), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([str(BIN / "execbroker"), "up"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env, start_new_session=True)
     broker = Broker(base=base, data_dir=data, proc=proc)
@@ -166,8 +178,7 @@ def _stop_broker(broker: Broker) -> None:
 
 @pytest.fixture(scope="session")
 def broker() -> Iterator[Broker]:
-    base = Path(tempfile.mkdtemp(prefix="eb-", dir="/tmp"))
-    base.chmod(0o755)  # other identities (uid 65534 in the requestor test) must reach the socket
+    base = private_base("eb-")
     b = _start_broker(base)
     try:
         yield b

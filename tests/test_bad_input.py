@@ -33,7 +33,7 @@ CASES = [
     ("POST", "/1.0/instances/c1/exec", b'{"command": ["ls"], "user": "root"}', 400),
     ("POST", "/1.0/instances/c1/exec", b'{"command": ["ls"], "width": "wide"}', 400),
     ("POST", "/1.0/instances/c1/exec", b'{"command": ["ls"], "environment": {"A": 1}}', 400),
-    ("POST", "/1.0/instances/c1/exec", b"x" * (1 << 20 + 1), 400),
+    ("POST", "/1.0/instances/c1/exec", b"x" * ((1 << 20) + 1), 413),  # over the body limit: refused unread
     ("GET", "/1.0/instances/c1/logs/exec-output/exec_..%2Fx.stdout", None, 404),  # no such route
     ("GET", "/1.0/instances/c1/logs/exec-output/%2E%2E", None, 400),
     ("DELETE", "/1.0/instances/c1/logs/exec-output/exec_nope.stdout", None, 404),

@@ -12,7 +12,7 @@ import time
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 
-from tests.conftest import Broker
+from tests.conftest import ADMIN_GID, Broker
 from tests.wsutil import Raw, read_stream, run
 
 pytestmark = pytest.mark.broker
@@ -176,13 +176,16 @@ async def test_wrong_secret_and_duplicate(raw: Raw, c1: str) -> None:
 
 
 async def test_other_identity_is_refused(raw: Raw, c1: str, broker: Broker) -> None:
+    """Another admin (uid 65534 in the execbroker group) may not attach to root's exec."""
     op = await raw.exec_op(c1, ["cat"])
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    os.setegid(ADMIN_GID)
     os.seteuid(65534)  # SO_PEERCRED records the credentials at connect()
     try:
         sock.connect(str(broker.socket))
     finally:
         os.seteuid(0)
+        os.setegid(0)
     from websockets.exceptions import InvalidStatus
     with pytest.raises(InvalidStatus) as exc:
         await ws_connect(f"ws://eb/1.0/operations/{op['id']}/websocket?secret={op['metadata']['fds']['0']}",

@@ -8,7 +8,7 @@ import contextlib
 from fastapi import FastAPI, WebSocket
 
 from api import envelope
-from api.request import check_project
+from api.request import project_of
 from broker.frontend import Frontend
 from core.errors import ApiError
 
@@ -17,7 +17,7 @@ def register(app: FastAPI, backend: Frontend) -> None:
     @app.websocket("/1.0/events")
     async def events(ws: WebSocket) -> None:
         try:
-            project_name = check_project(ws, allow_all=True)
+            project_name = project_of(ws, backend, allow_all=True)
             listener = backend.subscribe(ws.query_params.get("type"), project_name)
         except ApiError as exc:
             await ws.send_denial_response(envelope.from_exception(exc))

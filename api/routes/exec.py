@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import Response, StreamingResponse
 
 from api import envelope
-from api.request import MAX_BODY, check_project, identity
+from api.request import MAX_BODY, identity, project
 from broker.frontend import Frontend
 from core.errors import BadRequest
 
@@ -18,21 +18,19 @@ def register(app: FastAPI, backend: Frontend) -> None:
 
     @app.post("/1.0/instances/{name:path}/exec")
     async def exec_(name: str, request: Request) -> Response:
-        check_project(request)
+        where = project(request, backend)
         raw = await request.body()
         if len(raw) > MAX_BODY:
             raise BadRequest("http: request body too large")
-        return envelope.async_op(await backend.exec(name, raw, identity(request)))
+        return envelope.async_op(await backend.exec(where, name, raw, identity(request)))
 
     @app.get("/1.0/instances/{name:path}/logs/exec-output")
     async def exec_outputs(name: str, request: Request) -> Response:
-        check_project(request)
-        return envelope.sync(await backend.exec_output_list(name))
+        return envelope.sync(await backend.exec_output_list(project(request, backend), name))
 
     @app.get("/1.0/instances/{name:path}/logs/exec-output/{filename}")
     async def exec_output(name: str, filename: str, request: Request) -> Response:
-        check_project(request)
-        fetched = await backend.exec_output_fetch(name, filename)
+        fetched = await backend.exec_output_fetch(project(request, backend), name, filename)
         headers = {"Content-Disposition": f"inline;filename={filename}"}
         if isinstance(fetched, bytes):
             return Response(fetched, media_type="application/octet-stream", headers=headers)
@@ -49,7 +47,6 @@ def register(app: FastAPI, backend: Frontend) -> None:
 
     @app.delete("/1.0/instances/{name:path}/logs/exec-output/{filename}")
     async def delete_exec_output(name: str, filename: str, request: Request) -> Response:
-        check_project(request)
-        await backend.exec_output_delete(name, filename)
+        await backend.exec_output_delete(project(request, backend), name, filename)
         return envelope.sync()
 

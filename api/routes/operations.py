@@ -11,26 +11,26 @@ from fastapi import FastAPI, Request, WebSocket
 from starlette.responses import Response, StreamingResponse
 
 from api import envelope
-from api.request import check_project, identity, recursion
+from api.request import identity, project_of, recursion
 from api.wschannel import WebSocketChannel
 from broker import relay
 from broker.frontend import Frontend
 from core.errors import ApiError, BadRequest
 
 
-def register(app: FastAPI, backend: Frontend, cluster_token: str | None) -> None:
+def register(app: FastAPI, backend: Frontend) -> None:
     @app.get("/1.0/operations")
     async def operations(request: Request) -> Response:
-        project_name = check_project(request, allow_all=True)
-        return envelope.sync(await backend.list_operations(recursion(request), project_name))
+        where = project_of(request, backend, allow_all=True)
+        return envelope.sync(await backend.list_operations(where, recursion(request), identity(request)))
 
     @app.get("/1.0/operations/{op_id}")
-    async def operation(op_id: str) -> Response:
-        return envelope.sync(await backend.get_operation(op_id))
+    async def operation(op_id: str, request: Request) -> Response:
+        return envelope.sync(await backend.get_operation(op_id, identity(request)))
 
     @app.delete("/1.0/operations/{op_id}")
-    async def cancel_operation(op_id: str) -> Response:
-        await backend.cancel_operation(op_id)
+    async def cancel_operation(op_id: str, request: Request) -> Response:
+        await backend.cancel_operation(op_id, identity(request))
         return envelope.sync()
 
     @app.get("/1.0/operations/{op_id}/wait")
@@ -40,10 +40,11 @@ def register(app: FastAPI, backend: Frontend, cluster_token: str | None) -> None
             timeout = float(int(raw))
         except ValueError:
             raise ApiError(f'strconv.Atoi: parsing "{raw}": invalid syntax', 500) from None
-        await backend.get_operation(op_id)  # 404 before the 200 headers go out
+        who = identity(request)
+        await backend.get_operation(op_id, who)  # 404 before the 200 headers go out
 
         async def body() -> Any:
-            op = await backend.wait_operation(op_id, None if timeout < 0 else timeout)
+            op = await backend.wait_operation(op_id, None if timeout < 0 else timeout, who)
             yield envelope.sync(op).body
 
         return StreamingResponse(body(), media_type="application/json",
@@ -60,10 +61,10 @@ def register(app: FastAPI, backend: Frontend, cluster_token: str | None) -> None
                 if not secret:
                     raise BadRequest("Missing websocket secret")
                 if backend.precheck_relay(op_id, secret, who):  # we forwarded it: dial while upgrading
-                    dialing = asyncio.ensure_future(relay.dial(owner, op_id, secret, who, cluster_token or ""))
+                    dialing = asyncio.ensure_future(backend.dial_owner(owner, op_id, secret, who))
                 else:  # dial first, so the owner's refusal is our refusal
                     dialing = asyncio.get_running_loop().create_future()
-                    dialing.set_result(await relay.dial(owner, op_id, secret, who, cluster_token or ""))
+                    dialing.set_result(await backend.dial_owner(owner, op_id, secret, who))
             else:
                 session, fd = backend.claim_websocket(op_id, secret, who)
         except ApiError as exc:

@@ -60,8 +60,7 @@ class LocalCluster:
     def __init__(self, nodes: int = 3) -> None:
         self.nodes = nodes
         self.base = Path(tempfile.mkdtemp(prefix="ebbench-cluster-", dir="/tmp"))
-        self.base.chmod(0o755)
-        self.env = {**os.environ, "RAY_TMPDIR": str(self.base / "ray"), "EXECBROKER_SOCKET_MODE": "666"}
+        self.env = {**os.environ, "RAY_TMPDIR": str(self.base / "ray")}
 
     def socket(self, k: int) -> str:
         return str(self.base / f"node{k}" / "unix.socket")

@@ -1,6 +1,8 @@
 """Instances of one node: create, start, stop, freeze, delete, and spawn commands inside them.
 
-On disk, under ``<data_dir>/instances/<name>/``:
+Instances are addressed by key: the name in the default project, ``<project>_<name>`` in another
+(``records.key``); every method takes the key but ``create``, which takes the name and the project.
+On disk, under ``<data_dir>/instances/<key>/``:
 
 * ``instance.json``: name, image, config, created_at, last_used_at (the instance's definition);
 * ``state.json``: pid1's host pid and start time while it runs, so a restarted agent re-adopts it;
@@ -30,7 +32,7 @@ from core.errors import ApiError, BadRequest, Conflict, NotFound
 from node_agent.runtime import launcher, records, rootfs
 from node_agent.runtime.cgroups import Freezer
 from node_agent.runtime.pid1.server import SOCKET_NAME
-from node_agent.runtime.records import NAME_RE, Driver, Record, now, validate_config, validate_name
+from node_agent.runtime.records import KEY_RE, Driver, Record, now, validate_config, validate_name
 from node_agent.runtime.spawn import Process, SpawnRequest, spawn
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ class Instance:
     status: InstanceStatus
     pid: int | None  # host pid of pid1 while running
     last_used_at: datetime | None
+    project: str = records.DEFAULT_PROJECT
 
 
 class InstanceManager:
@@ -81,7 +84,7 @@ class InstanceManager:
         self._root.mkdir(parents=True, exist_ok=True)
         self._records = {}
         for entry in sorted(self._root.iterdir()):
-            if entry.is_dir() and NAME_RE.fullmatch(entry.name):
+            if entry.is_dir() and KEY_RE.fullmatch(entry.name):
                 rec = records.load(self._dir(entry.name), entry.name)
                 self._refresh(rec)
                 self._records[entry.name] = rec
@@ -153,25 +156,28 @@ class InstanceManager:
 
     def _snapshot(self, rec: Record) -> Instance:
         status = self._status(rec)
-        return Instance(rec.name, rec.image, dict(rec.config), rec.created_at, status,
-                        rec.pid1.pid if rec.pid1 else None, rec.last_used_at)
+        project, name = records.split_key(rec.name)
+        return Instance(name, rec.image, dict(rec.config), rec.created_at, status,
+                        rec.pid1.pid if rec.pid1 else None, rec.last_used_at, project)
 
     # ------------------------------------------------------------------------------------ changes
 
-    def create(self, name: str, image: str = "busybox", config: dict[str, str] | None = None) -> Instance:
+    def create(self, name: str, image: str = "busybox", config: dict[str, str] | None = None,
+               project: str = records.DEFAULT_PROJECT) -> Instance:
         validate_name(name)
+        name = records.key(project, name)
         if image not in rootfs.IMAGES:
             raise BadRequest(f'Unknown image "{image}" (available: {", ".join(rootfs.IMAGES)})')
         cfg = validate_config(config or {})
         self._ensure_loaded()
         path = self._dir(name)
         if name in self._records or path.exists():
-            raise Conflict(f'Instance "{name}" already exists')
+            raise Conflict(f'Instance "{records.split_key(name)[1]}" already exists')
         staging = self._root / f".{name}.creating"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         try:
-            rootfs.build_rootfs(image, staging / "rootfs", hostname=name)
+            rootfs.build_rootfs(image, staging / "rootfs", hostname=records.split_key(name)[1])
         except rootfs.RootfsError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise ApiError(str(exc)) from None
@@ -202,7 +208,7 @@ class InstanceManager:
                 freezer.create()
                 freezer.kill_all()  # leftovers of an earlier run (process driver) must not linger
             config = {
-                "name": name,
+                "name": records.split_key(name)[1],  # the hostname inside
                 "isolation": self.driver_name,
                 "instance_dir": str(path),
                 "rootfs": str(path / "rootfs"),

@@ -17,6 +17,20 @@ from node_agent.runtime.launcher import Pid1Identity
 
 Driver = Literal["namespaces", "process"]
 NAME_RE = re.compile(r"[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+# An instance's key on a node: its name in the default project, ``<project>_<name>`` in another (as LXD
+# names its storage; project names hold no ``_`` and never start with ``.``, instance names neither).
+KEY_RE = re.compile(r"(?:[^/_ .][^/_ ]{0,62}_)?" + NAME_RE.pattern)
+DEFAULT_PROJECT = "default"
+
+
+def key(project: str, name: str) -> str:
+    return name if project == DEFAULT_PROJECT else f"{project}_{name}"
+
+
+def split_key(instance_key: str) -> tuple[str, str]:
+    """(project, name) of a key."""
+    project, sep, name = instance_key.rpartition("_")
+    return (project, name) if sep else (DEFAULT_PROJECT, instance_key)
 
 
 @dataclass

@@ -1,0 +1,184 @@
+"""Each connection's facts and bounds, at the protocol level, before any route runs.
+
+uvicorn copies a per-connection ``app_state`` into every request's and websocket's ``scope["state"]``; the
+protocol subclasses here give each connection its own, holding a ``Peer`` (which listener, the unix peer's
+uid and groups or the TLS client certificate's fingerprint, and how to cut the connection), and they
+bound what a connection may do: a cap on open connections per listener (a 503 in the Incus envelope past
+it) and a deadline for each request's headers (a connection that sends no complete request in time is
+closed). TLS itself is ``api/tls.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import functools
+import socket
+import struct
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from cryptography import x509
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from api import envelope
+from api.tls import TLSConnection, TLSTransport
+
+Listener = Literal["unix", "https", "member"]
+SEND_BUFFER = 4 << 20  # a 1 MiB output frame leaves in one send(): no partial writes, copies, wake-ups
+REQUEST_TIMEOUT = 5.0  # seconds from connect (or a request's first byte) to its complete headers
+SO_PEERGROUPS = 59
+_UCRED = struct.Struct("3i")
+
+
+@dataclass(frozen=True)
+class Peer:
+    listener: Listener
+    uid: int | None = None  # unix listener: the peer's uid and groups at connect (SO_PEERCRED/PEERGROUPS)
+    gids: frozenset[int] = frozenset()
+    fingerprint: str = ""  # TLS listeners: the client certificate's SHA-256, "" without one
+    certificate: x509.Certificate | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass
+class Limits:
+    """Bounds shared by a listener's connections; the server config may change them at run time."""
+
+    max_connections: int = 10_000
+    request_timeout: float = REQUEST_TIMEOUT
+
+
+def _unix_credentials(sock: socket.socket) -> tuple[int, frozenset[int]]:
+    _pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    size = 256
+    while True:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size * 4)
+            break
+        except OSError as exc:
+            if exc.errno != errno.ERANGE or size >= 65536:
+                raw = b""
+                break
+            size *= 4
+    groups = struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]) if raw else ()
+    return uid, frozenset((gid, *groups))
+
+
+def peer_of(transport: asyncio.Transport, listener: Listener) -> Peer:
+    sock: socket.socket | None = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        except OSError:
+            pass
+    if listener == "unix" and sock is not None and sock.family == socket.AF_UNIX:
+        uid, gids = _unix_credentials(sock)
+        return Peer(listener, uid=uid, gids=gids)
+    return Peer(listener, fingerprint=transport.get_extra_info("peer_fingerprint") or "",
+                certificate=transport.get_extra_info("peer_certificate"))
+
+
+class EdgeHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol (the C parser: h11 was ~8% of an exec's CPU) with a Peer in its
+    state, a connection cap and a request-header deadline."""
+
+    def __init__(self, *, listener: Listener, limits: Limits, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.listener = listener
+        self.limits = limits
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.app_state = {**self.app_state, "peer": peer_of(transport, self.listener)}
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            body = envelope.error(503, f"Too many open connections (limit {self.limits.max_connections})").body
+            transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                            b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            transport.close()
+            return
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._deadline is None:
+            self._deadline = self.loop.call_later(self.limits.request_timeout, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
+class EdgeWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's websocket protocol; the connection's state comes from the HTTP protocol it upgrades."""
+
+    def revoke(self, reason: str) -> None:
+        """Close with 1008 (policy violation) and ``reason``, whatever the route is doing."""
+        with contextlib.suppress(Exception):
+            if self.handshake_complete and not self.transport.is_closing():
+                self.conn.send_close(1008, reason)
+                self.transport.write(b"".join(self.conn.data_to_send()))
+        self.transport.close()
+
+
+class ClientConnections:
+    """The open HTTPS connections of each client certificate, so that a revoked certificate's
+    connections (kept-alive requests, exec and event websockets) are cut at once."""
+
+    def __init__(self) -> None:
+        self._by_fingerprint: dict[str, weakref.WeakSet[TLSTransport]] = {}
+
+    def add(self, fingerprint: str, transport: TLSTransport) -> None:
+        if fingerprint:
+            self._by_fingerprint.setdefault(fingerprint, weakref.WeakSet()).add(transport)
+
+    def cut(self, fingerprint: str, reason: str = "Certificate revoked") -> int:
+        cut = 0
+        for transport in list(self._by_fingerprint.pop(fingerprint, ())):
+            if transport.is_closing():
+                continue
+            protocol = transport.get_protocol()
+            if isinstance(protocol, EdgeWebSocketProtocol):
+                protocol.revoke(reason)
+            else:
+                transport.close()
+            cut += 1
+        return cut
+
+
+def http_protocol(listener: Listener, limits: Limits) -> Callable[..., EdgeHttpProtocol]:
+    """A protocol factory for uvicorn (which calls it with its own keyword arguments)."""
+    return functools.partial(EdgeHttpProtocol, listener=listener, limits=limits)
+
+
+def tls_http_protocol(listener: Listener, limits: Limits, context: Callable[[], Any],
+                      accept: Callable[[str, TLSTransport], bool]) -> Callable[..., TLSConnection]:
+    """A protocol factory for uvicorn: TLS (``context()`` is read per connection, so a new certificate
+    applies at once) around the edge HTTP protocol; ``accept(fingerprint, transport)`` vets the client."""
+    inner = http_protocol(listener, limits)
+
+    def factory(**kwargs: Any) -> TLSConnection:
+        return TLSConnection(context(), inner(**kwargs), accept, limits.request_timeout)
+
+    return factory
