@@ -54,8 +54,6 @@ class Authenticate:
         path = scope.get("path", "")
         if peer is None:
             return await _deny(scope, receive, send, 403, "not authorized")
-        if path.startswith(INTERNAL) and peer.listener != "member":
-            return await _deny(scope, receive, send, 404, "not found")
         if peer.listener == "unix":
             if peer.uid != 0 and (self.admin_group is None or self.admin_group not in peer.gids):
                 return await _deny(scope, receive, send, 403, f"not authorized: uid {peer.uid} is neither root "
@@ -77,6 +75,8 @@ class Authenticate:
                 state["identity"] = Identity.from_wire(json.loads(raw)) if raw else Identity("cluster", "cluster")
             except (ValueError, KeyError, TypeError):
                 return await _deny(scope, receive, send, 400, "Invalid forwarded identity")
+        if path.startswith(INTERNAL) and peer.listener != "member":
+            return await _deny(scope, receive, send, 404, "not found")
         await self.app(scope, receive, send)
 
 

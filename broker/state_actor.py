@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from typing import Any
 
 from core.errors import ApiError
@@ -15,7 +16,6 @@ from core.server_records import ServerRecords
 
 STATE_NAME = "execbroker-cluster-state"
 KV_KEY = b"execbroker/cluster-state"
-ORIGIN = "cluster"
 
 
 class StateMachine:
@@ -23,7 +23,8 @@ class StateMachine:
 
     def __init__(self, saved: bytes | None = None) -> None:
         records = [Record.from_json(r) for r in json.loads(saved)] if saved else []
-        self.records = ServerRecords(ReplicatedMap(records), ORIGIN)
+        # one writer name per incarnation: two incarnations never write the same (version, writer)
+        self.records = ServerRecords(ReplicatedMap(records), f"cluster-{uuid.uuid4().hex[:12]}")
 
     def dump(self) -> bytes:
         return json.dumps([r.to_json() for r in self.records.map.records()], separators=(",", ":")).encode()

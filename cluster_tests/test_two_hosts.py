@@ -4,10 +4,13 @@ and an exec forwarded between them over that link."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import secrets
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -32,6 +35,7 @@ def ip(*args: str) -> None:
 class Host:
     netns: str
     address: str
+    device: str = ""
     proc: subprocess.Popen[str] | None = None
     lines: list[str] = field(default_factory=list)
 
@@ -68,7 +72,7 @@ class Host:
 def two_hosts() -> Iterator[tuple[Host, Host, Path]]:
     tag = secrets.token_hex(3)
     net = f"10.{200 + int(tag[:2], 16) % 50}.{int(tag[2:4], 16)}"
-    a, b = Host(f"eba-{tag}", f"{net}.1"), Host(f"ebb-{tag}", f"{net}.2")
+    a, b = Host(f"eba-{tag}", f"{net}.1", f"va-{tag}"), Host(f"ebb-{tag}", f"{net}.2", f"vb-{tag}")
     base = private_base("eb2h-")
     (base / "home").mkdir()
     try:
@@ -90,6 +94,26 @@ def two_hosts() -> Iterator[tuple[Host, Host, Path]]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def _tcp_payloads(pcap: bytes) -> list[tuple[int, int, bytes]]:
+    """(source port, destination port, payload) of each IPv4 TCP segment in a pcap file (Ethernet)."""
+    magic = struct.unpack("<I", pcap[:4])[0]
+    order = "<" if magic in (0xA1B2C3D4, 0xA1B23C4D) else ">"
+    segments, offset = [], 24
+    while offset + 16 <= len(pcap):
+        incl = struct.unpack(order + "I", pcap[offset + 8:offset + 12])[0]
+        frame = pcap[offset + 16:offset + 16 + incl]
+        offset += 16 + incl
+        if len(frame) < 34 or frame[12:14] != b"\x08\x00" or frame[23] != 6:  # IPv4, TCP
+            continue
+        ip = frame[14:]
+        tcp = ip[(ip[0] & 0x0F) * 4:]
+        if len(tcp) < 20:
+            continue
+        sport, dport = struct.unpack(">HH", tcp[:4])
+        segments.append((sport, dport, tcp[(tcp[12] >> 4) * 4:]))
+    return segments
+
+
 def test_exec_forwarded_between_two_hosts(two_hosts: tuple[Host, Host, Path]) -> None:
     a, b, base = two_hosts
     env = {**os.environ, "RAY_TMPDIR": str(base / "ray")}
@@ -106,10 +130,34 @@ def test_exec_forwarded_between_two_hosts(two_hosts: tuple[Host, Host, Path]) ->
     members = {m["server_name"]: m for m in ep_b.api("GET", "/1.0/cluster/members?recursion=1")["metadata"]}
     assert a.address in members["hosta"]["url"]  # member traffic goes over the veth link
     assert b.address in members["hostb"]["url"]
-    r = ep_b.lxc("exec", "c1", "--", "sh", "-c", "hostname; head -c 3000000 /dev/zero | wc -c; exit 6")
-    assert (r.returncode, r.stdout.split()) == (6, [b"c1", b"3000000"]), r.stderr
-    data = os.urandom(1 << 20)
-    assert ep_b.lxc("exec", "c1", "--", "cat", input=data).stdout == data
+    member_port = int(members["hosta"]["url"].rsplit(":", 1)[1])
+
+    # everything on the link between the two hosts, while b forwards an exec to a and issues a token
+    capture = base / "link.pcap"
+    dump = subprocess.Popen(["ip", "netns", "exec", a.netns, "tcpdump", "-i", a.device, "-U", "-s", "0",
+                             "-w", str(capture)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: capture.exists(), 30, "tcpdump to start")
+        marker = secrets.token_hex(8)
+        r = ep_b.lxc("exec", "c1", "--", "sh", "-c", f"echo out-{marker}; hostname; head -c 3000000 /dev/zero | wc -c;"
+                     " exit 6")
+        assert (r.returncode, r.stdout.split()) == (6, [f"out-{marker}".encode(), b"c1", b"3000000"]), r.stderr
+        data = os.urandom(1 << 20)
+        assert ep_b.lxc("exec", "c1", "--", "cat", input=data).stdout == data
+        token = ep_b.lxc("config", "trust", "add", "--name", "captured").stdout.decode().strip().splitlines()[-1]
+        secret = json.loads(base64.b64decode(token))["secret"]
+    finally:
+        dump.send_signal(signal.SIGINT)
+        dump.wait(30)
+    segments = _tcp_payloads(capture.read_bytes())
+    member = b"".join(p for sport, dport, p in segments if member_port in (sport, dport))
+    everything = b"".join(p for _, _, p in segments)
+    assert len(member) > 1 << 20  # the exec's bytes crossed the member link...
+    assert member[:1] == b"\x16" or b"\x17\x03\x03" in member  # ...as TLS records
+    for clear in (f"out-{marker}".encode(), marker.encode(), data[:64], secret.encode(), b"HTTP/1.1",
+                  b"X-Execbroker"):
+        assert clear not in everything, clear  # not on the member link, not in Ray's traffic either
+
     inst = ep_b.api("GET", "/1.0/instances/c1")["metadata"]
     assert inst["location"] == "hosta"
     # c1 lives in host a's PID namespace: stopping host a ends it; delete it first all the same

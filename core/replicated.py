@@ -5,6 +5,7 @@ each wrap one, and disk or GCS persistence is the caller's business."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -23,7 +24,12 @@ class Record:
     expires_at: float = 0.0  # unix time after which the record may be forgotten (0: never)
 
     def supersedes(self, other: Record | None) -> bool:
-        return other is None or (self.version, self.origin) > (other.version, other.origin)
+        """A total order: version, then writer, then (for writes that should never collide but could
+        after an authority restart) the value itself, so merges agree whatever their order."""
+        return other is None or self._order() > other._order()
+
+    def _order(self) -> tuple[int, str, str]:
+        return self.version, self.origin, json.dumps(self.value, sort_keys=True)
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "key": self.key, "value": self.value, "version": self.version,

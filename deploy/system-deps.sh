@@ -1,12 +1,13 @@
 #!/bin/sh
 # Installs what execbroker needs from Debian: busybox-static (the busybox instance image), util-linux
 # (nsenter, for the benchmark baseline); with --test also lxd-client (the real `lxc` client the tests
-# drive) and acl (tests let one test uid reach a socket with setfacl, never every user).
+# drive), acl (tests let one test uid reach a socket with setfacl, never every user) and tcpdump
+# (the two-host test captures member-to-member traffic).
 # Creates the `execbroker` group: root and its members have full access to the unix socket.
 # Idempotent: installs only what is missing. Needs root.
 set -eu
 pkgs="busybox-static util-linux"
-[ "${1:-}" = "--test" ] && pkgs="$pkgs lxd-client acl"
+[ "${1:-}" = "--test" ] && pkgs="$pkgs lxd-client acl tcpdump"
 missing=""
 for p in $pkgs; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

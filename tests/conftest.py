@@ -133,12 +133,19 @@ class Broker(Endpoint):
 
 
 def _start_broker(base: Path) -> Broker:
-    data = base / "data"
     (base / "home").mkdir(parents=True)
-    env = {**os.environ, "EXECBROKER_DIR": str(data), "RAY_TMPDIR": str(base / "ray"), "PYTHONUNBUFFERED": "1"}
+    broker = Broker(base=base, data_dir=base / "data")
+    _launch(broker)
+    return broker
+
+
+def _launch(broker: Broker) -> None:
+    """``execbroker up`` on the broker's data dir; returns once it serves."""
+    env = {**os.environ, "EXECBROKER_DIR": str(broker.data_dir), "RAY_TMPDIR": str(broker.base / "ray"),
+           "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([str(BIN / "execbroker"), "up"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env, start_new_session=True)
-    broker = Broker(base=base, data_dir=data, proc=proc)
+    broker.proc, broker.output = proc, []
     ready = threading.Event()
 
     def pump() -> None:
@@ -153,7 +160,12 @@ def _start_broker(base: Path) -> Broker:
     if not ready.wait(180) or proc.poll() is not None:
         proc.kill()
         raise RuntimeError("execbroker up did not start:\n" + "".join(broker.output))
-    return broker
+
+
+def restart_broker(broker: Broker) -> None:
+    """Stop the broker (its instances keep running, as LXD's outlive their daemon) and start it again."""
+    _terminate(broker)
+    _launch(broker)
 
 
 def _stop_broker(broker: Broker) -> None:
@@ -168,12 +180,16 @@ def _stop_broker(broker: Broker) -> None:
                 if op.get("operation"):
                     c.get(f"{op['operation']}/wait?timeout=30")
     finally:
-        broker.proc.send_signal(signal.SIGTERM)
-        try:
-            broker.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(broker.proc.pid, signal.SIGKILL)
-            broker.proc.wait(10)
+        _terminate(broker)
+
+
+def _terminate(broker: Broker) -> None:
+    broker.proc.send_signal(signal.SIGTERM)
+    try:
+        broker.proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(broker.proc.pid, signal.SIGKILL)
+        broker.proc.wait(10)
 
 
 @pytest.fixture(scope="session")

@@ -21,13 +21,14 @@ class Raw:
         return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(self.socket)),
                                  base_url="http://eb", timeout=30)
 
-    async def post_exec(self, instance: str, body: dict[str, Any]) -> httpx.Response:
+    async def post_exec(self, instance: str, body: dict[str, Any], project: str = "default") -> httpx.Response:
         async with self.client() as c:
-            return await c.post(f"/1.0/instances/{instance}/exec", content=json.dumps(body))
+            return await c.post(f"/1.0/instances/{instance}/exec", content=json.dumps(body),
+                                params={"project": project} if project != "default" else None)
 
-    async def exec_op(self, instance: str, command: list[str], **kw: Any) -> dict[str, Any]:
+    async def exec_op(self, instance: str, command: list[str], project: str = "default", **kw: Any) -> dict[str, Any]:
         body = {"command": command, "wait-for-websocket": True, "interactive": False, **kw}
-        r = await self.post_exec(instance, body)
+        r = await self.post_exec(instance, body, project)
         assert r.status_code == 202, r.text
         return r.json()["metadata"]
 

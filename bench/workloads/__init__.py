@@ -6,11 +6,12 @@ from bench.workloads import (
     exec_rate,
     keystroke,
     lxc_exec,
+    lxc_https,
     sessions,
     startup,
     throughput,
 )
 
 # startup and cluster are special: startup's baseline runs before the broker starts, cluster after it stops.
-WORKLOADS = [exec_latency, lxc_exec, throughput, keystroke, sessions, exec_rate, startup, cluster]
+WORKLOADS = [exec_latency, lxc_exec, lxc_https, throughput, keystroke, sessions, exec_rate, startup, cluster]
 NAMES = [w.NAME for w in WORKLOADS]

@@ -1,0 +1,137 @@
+"""Bounds at the edge, each with its clear error and the broker serving on after it: request bodies,
+request deadlines, connections per listener, live operations per client, websocket message size."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import Iterator
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from tests.conftest import Broker, wait_for
+from tests.wsutil import Raw
+
+pytestmark = pytest.mark.broker
+
+
+def _ok(broker: Broker) -> None:
+    assert broker.api("GET", "/1.0")["status_code"] == 200
+
+
+def _set(broker: Broker, key: str, value: str | None) -> None:
+    r = broker.lxc("config", "set", key, value) if value is not None else broker.lxc("config", "unset", key)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.fixture()
+def raw(broker: Broker) -> Raw:
+    return Raw(broker.socket)
+
+
+def test_body_over_the_limit_by_content_length(broker: Broker, c1: str) -> None:
+    """Refused on the header: the client is told before it sends the body."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(broker.socket))
+        s.sendall(b"POST /1.0/instances/c1/exec HTTP/1.1\r\nHost: eb\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 10000000\r\n\r\n")
+        reply = s.recv(65536)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413")
+    assert json.loads(body)["error"] == "Request body too large (limit 1048576 bytes)"
+    _ok(broker)
+
+
+def test_chunked_body_over_the_limit(broker: Broker, c1: str) -> None:
+    def chunks() -> Iterator[bytes]:
+        for _ in range(3):
+            yield b"x" * (512 << 10)
+
+    with broker.http() as c:
+        r = c.post("/1.0/instances/c1/exec", content=chunks())
+    assert (r.status_code, r.json()["error"]) == (413, "Request body too large (limit 1048576 bytes)")
+    _ok(broker)
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /1.0 HTTP/1.1\r\nHost: eb\r\n"], ids=["nothing", "half-headers"])
+def test_connection_without_a_complete_request_is_closed(broker: Broker, sent: bytes) -> None:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(broker.socket))
+        s.sendall(sent)
+        s.settimeout(30)
+        assert s.recv(1) == b""  # closed by the server (its deadline is a few seconds)
+    _ok(broker)
+
+
+def test_connection_cap(broker: Broker) -> None:
+    _set(broker, "execbroker.max_connections", "8")
+    held: list[socket.socket] = []
+    try:
+        for _ in range(12):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(broker.socket))
+            held.append(s)
+        # past the cap a connection gets a 503 in the envelope and is closed
+        s.settimeout(10)
+        reply = s.recv(65536)
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), reply
+        assert json.loads(body)["error"] == "Too many open connections (limit 8)"
+    finally:
+        for s in held:
+            s.close()
+        wait_for(lambda: _try_unset(broker), 30, "the cap to be lifted once connections closed")
+    _ok(broker)
+
+
+def _try_unset(broker: Broker) -> bool:
+    return broker.lxc("config", "unset", "execbroker.max_connections").returncode == 0
+
+
+async def test_live_operations_per_client(broker: Broker, raw: Raw, c1: str) -> None:
+    _set(broker, "execbroker.max_operations_per_client", "2")
+    ops = []
+    try:
+        ops = [await raw.exec_op(c1, ["true"]) for _ in range(2)]  # Running until their sockets connect
+        async with raw.client() as c:
+            r = await c.post(f"/1.0/instances/{c1}/exec",
+                             json={"command": ["true"], "wait-for-websocket": True})
+        assert r.status_code == 429
+        assert r.json()["error"] == "Too many running operations for root (limit 2)"
+    finally:
+        async with raw.client() as c:
+            for op in ops:
+                await c.delete(f"/1.0/operations/{op['id']}")
+        _set(broker, "execbroker.max_operations_per_client", None)
+    _ok(broker)
+
+
+async def test_websocket_message_size(broker: Broker, raw: Raw, c1: str) -> None:
+    op = await raw.exec_op(c1, ["cat"])
+    socks = {fd: await raw.connect(op, fd) for fd in ("0", "1", "2")}
+    try:
+        with contextlib.suppress(ConnectionClosed):  # the server may close while the frame is still going out
+            await socks["0"].send(b"x" * ((16 << 20) + 1))
+        await asyncio.wait_for(socks["0"].wait_closed(), 30)
+        assert socks["0"].close_code == 1009  # message too big
+        final = await raw.wait(op["id"], 30)
+        assert final["status_code"] >= 200  # the session ended; nothing is left running
+    finally:
+        for ws in socks.values():
+            await ws.close()
+    _ok(broker)
+
+
+def test_bad_config_values(broker: Broker) -> None:
+    for key, value, text in [
+        ("execbroker.max_connections", "none", "must be a whole number"),
+        ("core.remote_token_expiry", "soon", "Invalid expiry expression"),
+        ("core.https_address", "nowhere", "expected IP:PORT"),
+        ("no.such.key", "1", "unknown key"),
+    ]:
+        r = broker.lxc("config", "set", key, value)
+        assert r.returncode != 0 and text.encode() in r.stderr, (key, r.stderr)
+    _ok(broker)
