@@ -18,6 +18,26 @@ from tests.wsutil import Raw
 pytestmark = pytest.mark.broker
 
 
+def _response(s: socket.socket) -> tuple[bytes, bytes]:
+    """One HTTP response off a raw socket: its head and its whole body (by Content-Length)."""
+    s.settimeout(30)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head, body
+
+
 def _ok(broker: Broker) -> None:
     assert broker.api("GET", "/1.0")["status_code"] == 200
 
@@ -38,8 +58,7 @@ def test_body_over_the_limit_by_content_length(broker: Broker, c1: str) -> None:
         s.connect(str(broker.socket))
         s.sendall(b"POST /1.0/instances/c1/exec HTTP/1.1\r\nHost: eb\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 10000000\r\n\r\n")
-        reply = s.recv(65536)
-    head, _, body = reply.partition(b"\r\n\r\n")
+        head, body = _response(s)
     assert head.startswith(b"HTTP/1.1 413")
     assert json.loads(body)["error"] == "Request body too large (limit 1048576 bytes)"
     _ok(broker)
@@ -75,10 +94,8 @@ def test_connection_cap(broker: Broker) -> None:
             s.connect(str(broker.socket))
             held.append(s)
         # past the cap a connection gets a 503 in the envelope and is closed
-        s.settimeout(10)
-        reply = s.recv(65536)
-        head, _, body = reply.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 503"), reply
+        head, body = _response(s)
+        assert head.startswith(b"HTTP/1.1 503"), head
         assert json.loads(body)["error"] == "Too many open connections (limit 8)"
     finally:
         for s in held:
