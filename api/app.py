@@ -17,7 +17,7 @@ from starlette.responses import Response
 from api import envelope
 from api.auth import Authenticate
 from api.limits import MAX_BODY, BodyLimit
-from api.routes import certificates, events, exec, instances, internal, operations, server
+from api.routes import certificates, events, exec, images, instances, internal, operations, server
 from broker.frontend import Frontend
 from core.errors import ApiError
 from core.trust import Certificate
@@ -53,6 +53,7 @@ def create_app(backend: Frontend, trust: Callable[[str], Certificate | None] = l
     if backend.admin is not None:
         certificates.register(app, backend)
     instances.register(app, backend)
+    images.register(app, backend)
     exec.register(app, backend)
     operations.register(app, backend)
     events.register(app, backend)

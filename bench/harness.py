@@ -149,6 +149,7 @@ class BrokerProcess:
 
     def __init__(self) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="ebbench-", dir="/tmp"))
+        self.base.chmod(0o711)  # instances' roots (unprivileged host uids) pass through to their rootfs
         self.data_dir = self.base / "data"
         self.home = self.base / "home"  # lxc client config lives here, never in the caller's HOME
         self.home.mkdir()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from core.trust import (
     patch_certificate,
     secret_of,
 )
+from node_agent.runtime.records import write_private
 
 HTTPS_ADDRESS = "core.https_address"
 MEMBER_KEYS = (HTTPS_ADDRESS,)
@@ -82,9 +82,7 @@ class MemberConfig:
             self.values = {}
 
     def save(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(self.values, indent=1))
-        os.replace(tmp, self.path)
+        write_private(self.path, json.dumps(self.values, indent=1))
 
 
 class Admin:

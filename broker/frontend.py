@@ -226,6 +226,9 @@ class Frontend:
     async def update_instance(self, project: str, name: str, body: dict[str, Any], who: Identity) -> None:
         await self._on_instance(project, name, "update_instance", body, who)
 
+    async def replace_instance(self, project: str, name: str, body: dict[str, Any], who: Identity) -> dict[str, Any]:
+        return await self._forwarded_op(project, name, "replace_instance", body, who)
+
     async def delete_instance(self, project: str, name: str, who: Identity) -> dict[str, Any]:
         return await self._forwarded_op(project, name, "delete_instance", who)
 

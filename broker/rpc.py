@@ -14,7 +14,7 @@ from core.identity import Identity
 
 # What other members may call: the NodeService surface, nothing else.
 REMOTE_METHODS = frozenset({
-    "list_instances", "get_instance", "get_instance_state", "create_instance", "update_instance",
+    "list_instances", "get_instance", "get_instance_state", "create_instance", "update_instance", "replace_instance",
     "delete_instance", "change_state", "exec", "exec_output_list", "exec_output_read", "exec_output_delete",
     "list_operations", "get_operation", "wait_operation", "cancel_operation", "projects_in_use",
 })

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,6 +16,7 @@ from broker.state_actor import StateMachine
 from core.errors import ApiError, Unavailable
 from core.replicated import Record
 from core.server_records import ServerRecords
+from node_agent.runtime.records import write_private
 
 log = logging.getLogger(__name__)
 FILE = "cluster-state.json"
@@ -109,7 +109,7 @@ class ServerState:
         for watch in self._watchers:
             try:
                 watch(changed)
-            except Exception:  # noqa: BLE001 - one watcher's failure must not stop the others
+            except Exception:
                 log.exception("cluster state watcher failed")
 
     def _load(self) -> list[Record]:
@@ -123,8 +123,4 @@ class ServerState:
 
     def _save(self) -> None:
         data = json.dumps([r.to_json() for r in self.records.map.records()], separators=(",", ":"))
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(data)
-        os.replace(tmp, self.path)
+        write_private(self.path, data)

@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     launch = sub.add_parser("launch", help="create and start an instance")
     launch.add_argument("name")
-    launch.add_argument("--image", default="busybox", choices=("busybox", "host"))
+    launch.add_argument("--image", default="busybox", choices=("busybox", "debian", "host"))
     launch.add_argument("--target", help="cluster member to place it on")
     sub.add_parser("list", help="list instances")
     for action in ("start", "stop", "freeze", "unfreeze"):

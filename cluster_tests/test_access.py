@@ -84,6 +84,8 @@ def test_revocation_reaches_every_member_and_its_open_sockets(cluster: Cluster, 
                                 group=CLIENT_UID, extra_groups=[])
         try:
             wait_for(lambda: b"sleep 1000" in ep2.lxc("exec", "ic", "--", "ps").stdout, 30, "the command")
+            wait_for(lambda: client.fingerprint()[:12] in ep1.lxc("config", "trust", "list", "--format", "csv")
+                     .stdout.decode(), 10, "node1 to have the certificate node2 added")
             assert ep1.lxc("config", "trust", "remove", client.fingerprint()).returncode == 0  # on node1
             wait_for(lambda: proc.poll() is not None, 10, "the exec through node2 to end")
         finally:

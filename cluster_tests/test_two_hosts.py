@@ -40,9 +40,10 @@ class Host:
     lines: list[str] = field(default_factory=list)
 
     def start(self, *args: str, env: dict[str, str]) -> None:
-        # PID 1 of a new PID namespace: when it ends, the kernel ends everything the host started.
+        # PID 1 of a new PID namespace: when it ends, the kernel ends everything the host started. nsenter,
+        # not `ip netns exec`: that mounts a sysfs of its own over /sys, hiding the cgroup hierarchies runc needs.
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.netns, "unshare", "-pf", "--mount-proc", EB, "up", *args],
+            ["nsenter", f"--net=/run/netns/{self.netns}", "unshare", "-pf", "--mount-proc", EB, "up", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
         threading.Thread(target=self._pump, daemon=True).start()
 

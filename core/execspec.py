@@ -41,6 +41,34 @@ class ExecPost(BaseModel):
             raise ValueError("must be an unsigned 32-bit integer")
         return v
 
+    @field_validator("width", "height")
+    @classmethod
+    def _terminal_size(cls, v: int) -> int:
+        if not 0 <= v < 2**16:
+            raise ValueError("must be between 0 and 65535")
+        return v
+
+    @field_validator("command")
+    @classmethod
+    def _command_text(cls, v: list[str]) -> list[str]:
+        if any("\0" in a for a in v):
+            raise ValueError("must not contain NUL bytes")
+        return v
+
+    @field_validator("environment")
+    @classmethod
+    def _environment_text(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None and any("\0" in k or "\0" in val or "=" in k or not k for k, val in v.items()):
+            raise ValueError("names must be non-empty, without '=' or NUL bytes; values without NUL bytes")
+        return v
+
+    @field_validator("cwd")
+    @classmethod
+    def _cwd_text(cls, v: str | None) -> str | None:
+        if v is not None and "\0" in v:
+            raise ValueError("must not contain NUL bytes")
+        return v
+
 
 def parse_exec_post(body: bytes) -> ExecPost:
     """Parse and check the request (validation steps 2-4); raises BadRequest with the exact texts."""

@@ -1,12 +1,13 @@
 #!/bin/sh
-# Installs what execbroker needs from Debian: busybox-static (the busybox instance image), util-linux
-# (nsenter, for the benchmark baseline); with --test also lxd-client (the real `lxc` client the tests
-# drive), acl (tests let one test uid reach a socket with setfacl, never every user) and tcpdump
-# (the two-host test captures member-to-member traffic).
+# Installs what execbroker needs from Debian: runc (the OCI runtime every instance runs under, as an
+# unprivileged container), busybox-static (the busybox instance image), mmdebstrap (builds the debian
+# image from this machine's Debian mirror on first use), util-linux (nsenter, setpriv); with --test also
+# lxd-client (the real `lxc` client the tests drive), acl (tests let one test uid reach a socket with
+# setfacl, never every user) and tcpdump (the two-host test captures member-to-member traffic).
 # Creates the `execbroker` group: root and its members have full access to the unix socket.
 # Idempotent: installs only what is missing. Needs root.
 set -eu
-pkgs="busybox-static util-linux"
+pkgs="runc busybox-static mmdebstrap util-linux"
 [ "${1:-}" = "--test" ] && pkgs="$pkgs lxd-client acl tcpdump"
 missing=""
 for p in $pkgs; do

@@ -84,6 +84,7 @@ class NodeAgent:
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         self.service.start()
+        await self.service.instances.migrate_legacy()
         cert = await loop.run_in_executor(None, lambda: cluster_cert.ensure(
             self.data_dir, cluster_cert.RayKV(), cluster_cert.ray_cluster_secret()))
         state = ServerState(self.data_dir, ActorAuthority(get_state_actor()))

@@ -56,7 +56,6 @@ class Execs:
         session = ExecSession(
             post, env,
             spawn=lambda req, fds: self.instances.spawn(name, req, fds),
-            open_pty=lambda: self.instances.open_pty(name),
             on_started=lambda: self._lifecycle("instance-exec", name, who, {"command": post.command}),
         )
         op = self.ops.create("websocket", "Executing command", resources, session.metadata(), who,

@@ -23,8 +23,9 @@ from core.identity import Identity
 from core.operations import Operation, OperationRegistry, Status, render
 from node_agent.execs import Execs
 from node_agent.render import instance_url, render_instance, render_state
+from node_agent.render_images import alias_url, image_url, render_alias, render_image
 from node_agent.runtime import records
-from node_agent.runtime.instances import InstanceManager
+from node_agent.runtime.instances import Instance, InstanceManager
 from node_agent.server_info import render_server
 from node_agent.session import ExecSession
 
@@ -32,6 +33,15 @@ from node_agent.session import ExecSession
 def check_instance_name(name: str) -> None:
     if "/" in name:
         raise BadRequest("Invalid instance name")
+
+
+# What lxc prints while an image is made ("Retrieving image: ..."): any metadata key ending in _progress.
+PROGRESS_KEY = "create_instance_from_image_unpack_progress"
+
+
+def cgroup_parent(data_dir: Path) -> str:
+    """The node's cgroup tree: one per data dir, since two brokers on a host may use the same instance names."""
+    return "execbroker-" + hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:10]
 
 
 class NodeService:
@@ -47,9 +57,7 @@ class NodeService:
         self.on_op_created: Callable[[str], None] | None = None
         self.on_op_expired: Callable[[str], None] | None = None
         self.on_instance_deleted: Callable[[str], None] | None = None  # gets the instance's key
-        # One freezer cgroup tree per data dir: two brokers on a host may use the same instance names.
-        tree = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:10]
-        self.instances = InstanceManager(data_dir, driver=driver, cgroup_parent=f"execbroker-{tree}")
+        self.instances = InstanceManager(data_dir, driver=driver, cgroup_parent=cgroup_parent(data_dir))
         self.execs = Execs(self.instances, self.ops, self._lifecycle)
 
     def start(self) -> None:
@@ -103,13 +111,19 @@ class NodeService:
                        key=lambda i: (i.project, i.name))
         if recursion == 0:
             return [instance_url(i.name, i.project) for i in insts]
-        return [render_instance(i, self.location, recursion) for i in insts]
+        return [render_instance(i, self.location, recursion, self._usage(i) if recursion >= 2 else None)
+                for i in insts]
+
+    def _usage(self, inst: Instance) -> dict[str, int | None]:
+        return self.instances.usage(records.key(inst.project, inst.name))
 
     def get_instance(self, project: str, name: str, recursion: int = 1) -> dict[str, Any]:
-        return render_instance(self.instances.get(self._key(project, name)), self.location, recursion)
+        inst = self.instances.get(self._key(project, name))
+        return render_instance(inst, self.location, recursion, self._usage(inst) if recursion >= 2 else None)
 
     def get_instance_state(self, project: str, name: str) -> dict[str, Any]:
-        return render_state(self.instances.get(self._key(project, name)))
+        inst = self.instances.get(self._key(project, name))
+        return render_state(inst, self._usage(inst))
 
     def _task(self, key: str, description: str, who: Identity, work: Any) -> dict[str, Any]:
         project, name = records.split_key(key)
@@ -122,7 +136,28 @@ class NodeService:
         self.ops.start(op, run)
         return render(op)
 
+    # ------------------------------------------------------------------------------------ images
+
+    def list_images(self, recursion: int) -> list[Any]:
+        found = self.instances.images.list()
+        return [render_image(i) for i in found] if recursion else [image_url(i) for i in found]
+
+    def get_image(self, ref: str) -> dict[str, Any]:
+        return render_image(self.instances.images.get(ref))
+
+    def list_image_aliases(self, recursion: int) -> list[Any]:
+        found = self.instances.images.list()
+        return [render_alias(i) for i in found] if recursion else [alias_url(i) for i in found]
+
+    def get_image_alias(self, name: str) -> dict[str, Any]:
+        img = self.instances.images.get(name)
+        if img.alias != name:
+            raise NotFound("Image alias not found")
+        return render_alias(img)
+
     def create_instance(self, project: str, body: dict[str, Any], who: Identity) -> dict[str, Any]:
+        """Checks here (bad name, image or config, a taken name: the request's error); the image build, the
+        rootfs and the start run in the operation, which reports the build's progress in its metadata."""
         name = body.get("name")
         if not isinstance(name, str) or not name:
             raise BadRequest("Instance name is required")
@@ -130,29 +165,44 @@ class NodeService:
         source = body.get("source") or {}
         if not isinstance(source, dict):
             raise BadRequest("Invalid source")
-        image = source.get("alias") or ("busybox" if source.get("type") in (None, "", "none", "image") else "")
-        config = body.get("config") or {}
-        if not isinstance(config, dict) or not all(isinstance(v, str) for v in config.values()):
-            raise BadRequest("Invalid config: values must be strings")
-        self.instances.create(name, image=image, config=config, project=project)  # errors surface here
-        self._lifecycle("instance-created", key, who)
+        image = self.instances.images.resolve(source)
+        config = _config_of(body) or {}
         start = bool(body.get("start"))
+        res = self.instances.reserve(name, image, config, project)
+        try:
+            op = self.ops.create("task", "Creating instance", {"instances": [instance_url(name, project)]}, {}, who,
+                                 project=project)
+        except BaseException:
+            self.instances.release(res)
+            raise
 
-        async def work() -> None:
+        async def run(_op: Operation) -> None:
+            await self.instances.create_reserved(res, lambda text: op.extend_metadata({PROGRESS_KEY: text}))
+            self._lifecycle("instance-created", key, who)
             if start:
                 await self.instances.start(key)
                 self._lifecycle("instance-started", key, who)
 
-        return self._task(key, "Creating instance", who, work)
+        self.ops.start(op, run)
+        return render(op)
 
-    def update_instance(self, project: str, name: str, body: dict[str, Any], who: Identity) -> None:
+    async def update_instance(self, project: str, name: str, body: dict[str, Any], who: Identity) -> None:
+        """PATCH: the keys given are set, the others kept."""
         key = self._key(project, name)
-        config = body.get("config")
-        if config is not None and (not isinstance(config, dict)
-                                   or not all(isinstance(v, str) for v in config.values())):
-            raise BadRequest("Invalid config: values must be strings")
-        self.instances.update_config(key, config or {})
+        await self.instances.update_config(key, _config_of(body) or {})
         self._lifecycle("instance-updated", key, who)
+
+    def replace_instance(self, project: str, name: str, body: dict[str, Any], who: Identity) -> dict[str, Any]:
+        """PUT: the config becomes the one given (checked here; applied, limits live, in the operation)."""
+        key = self._key(project, name)
+        self.instances.get(key)
+        config = records.validate_config(_config_of(body) or {})
+
+        async def work() -> None:
+            await self.instances.update_config(key, config, replace=True)
+            self._lifecycle("instance-updated", key, who)
+
+        return self._task(key, "Updating instance", who, work)
 
     def delete_instance(self, project: str, name: str, who: Identity) -> dict[str, Any]:
         key = self._key(project, name)
@@ -277,3 +327,10 @@ class NodeService:
 
 def default_server_name() -> str:
     return socket.gethostname()
+
+
+def _config_of(body: dict[str, Any]) -> dict[str, str] | None:
+    config = body.get("config")
+    if config is not None and (not isinstance(config, dict) or not all(isinstance(v, str) for v in config.values())):
+        raise BadRequest("Invalid config: values must be strings")
+    return config

@@ -20,7 +20,7 @@ from core.errors import ApiError, SpawnError
 from core.execspec import CONTROL, ExecPost, Resize, Signal, exit_result, parse_control
 from core.operations import Operation
 from core.session_state import Phase, SessionState
-from node_agent.fdio import OutputReader, close_quietly, make_pipe, set_nonblocking, write_all
+from node_agent.fdio import OutputReader, close_quietly, make_pipe, write_all
 from node_agent.runtime.spawn import Process, SpawnRequest
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,7 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 10.0
 CLIENT_CLOSE_GRACE = 2.0  # interactive: how long to wait for the client to close socket 0 after EOF
 
-SpawnFn = Callable[[SpawnRequest, tuple[int, int, int]], Awaitable[Process]]
-PtyFn = Callable[[], tuple[int, int]]
+SpawnFn = Callable[[SpawnRequest, tuple[int, ...]], Awaitable[Process]]
 
 
 def set_winsize(fd: int, width: int, height: int) -> None:
@@ -62,13 +61,12 @@ class _Socket:
 
 
 class ExecSession:
-    def __init__(self, req: ExecPost, env: dict[str, str], spawn: SpawnFn, open_pty: PtyFn,
+    def __init__(self, req: ExecPost, env: dict[str, str], spawn: SpawnFn,
                  on_started: Callable[[], None] | None = None) -> None:
         self.req = req
         self.env = env
         self.state = SessionState(req.interactive)
         self._spawn = spawn
-        self._open_pty = open_pty
         self._on_started = on_started
         self._sockets: dict[str, _Socket] = {}
         self._ready = asyncio.Event()
@@ -130,41 +128,41 @@ class ExecSession:
             await self._shutdown()
 
     async def _run_command(self) -> int:
-        if self.req.interactive:
-            master, slave = self._open_pty()
-            self._pty_master = master
-            set_nonblocking(master)
-            if self.req.width > 0 and self.req.height > 0:
-                set_winsize(master, self.req.width, self.req.height)
-            child_fds = (slave, slave, slave)
-            mine: tuple[int, ...] = (master,)
+        spawn_req = SpawnRequest(
+            argv=list(self.req.command), env=self.env, cwd=self.req.cwd or "",
+            uid=self.req.user or 0, gid=self.req.group or 0, pty=self.req.interactive,
+            width=self.req.width, height=self.req.height,
+        )
+        if self.req.interactive:  # pid1 opens the PTY inside the instance and hands us its master
+            try:
+                self._process = await self._spawn(spawn_req, ())
+            except SpawnError as exc:
+                raise ApiError(str(exc)) from None
+            self._pty_master = self._process.pty_master
+            mine: tuple[int, ...] = ()
         else:
             in_r, in_w = make_pipe()
             out_r, out_w = make_pipe()
             err_r, err_w = make_pipe()
-            child_fds = (in_r, out_w, err_w)
             mine = (in_w, out_r, err_r)
-        spawn_req = SpawnRequest(
-            argv=list(self.req.command), env=self.env, cwd=self.req.cwd or "",
-            uid=self.req.user or 0, gid=self.req.group or 0, pty=self.req.interactive,
-        )
-        try:
-            self._process = await self._spawn(spawn_req, child_fds)
-        except SpawnError as exc:
-            close_quietly(*mine)
-            raise ApiError(str(exc)) from None
-        except BaseException:
-            close_quietly(*mine)
-            raise
-        finally:
-            close_quietly(*set(child_fds))
+            try:
+                self._process = await self._spawn(spawn_req, (in_r, out_w, err_w))
+            except SpawnError as exc:
+                close_quietly(*mine)
+                raise ApiError(str(exc)) from None
+            except BaseException:
+                close_quietly(*mine)
+                raise
+            finally:
+                close_quietly(in_r, out_w, err_w)
         self.state.phase = Phase.RUNNING
         if self._cancelled:  # DELETE arrived while the spawn was in flight
             self._process.kill_group()
         if self._on_started is not None:
             self._on_started()
         if self.req.interactive:
-            return await self._relay_interactive(mine[0])
+            assert self._pty_master is not None
+            return await self._relay_interactive(self._pty_master)
         return await self._relay_pipes(*mine)
 
     async def _relay_pipes(self, stdin_w: int, stdout_r: int, stderr_r: int) -> int:

@@ -20,6 +20,9 @@ from typing import Any
 import httpx
 import pytest
 
+from node_agent.runtime import cgroups
+from node_agent.service import cgroup_parent
+
 BIN = Path(sys.executable).parent
 
 
@@ -71,11 +74,12 @@ ADMIN_GID = grp.getgrnam("execbroker").gr_gid  # created by deploy/system-deps.s
 
 
 def private_base(prefix: str) -> Path:
-    """A temporary base dir that root and the execbroker group (only) may enter: other identities of the
-    tests act as members of that group, or are let in one by one with an ACL."""
+    """A temporary base dir that only root may list; others may only pass through it
+    (0711, as LXD's /var/lib/lxd: an instance's root, an unprivileged host uid, reaches its rootfs below).
+    What lies inside is private by its own mode (the API socket: root and the execbroker group)."""
     base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     os.chown(base, 0, ADMIN_GID)
-    base.chmod(0o710)
+    base.chmod(0o711)
     return base
 
 
@@ -88,6 +92,8 @@ def assert_no_leftovers(base: Path, timeout: float) -> None:
         leaked = processes_mentioning(str(base))
         kill_all(leaked)
         raise AssertionError(f"leaked processes: {leaked}") from None
+    groups = [g for d in base.iterdir() if d.is_dir() for g in cgroups.remove_tree(cgroup_parent(d))]
+    assert not groups, f"cgroups still holding processes: {groups}"
 
 
 @dataclass
@@ -142,6 +148,7 @@ def _start_broker(base: Path) -> Broker:
 def _launch(broker: Broker) -> None:
     """``execbroker up`` on the broker's data dir; returns once it serves."""
     env = {**os.environ, "EXECBROKER_DIR": str(broker.data_dir), "RAY_TMPDIR": str(broker.base / "ray"),
+           "EXECBROKER_IMAGE_CACHE": str(broker.base / "images"),  # the debian image is built once per run
            "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([str(BIN / "execbroker"), "up"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env, start_new_session=True)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from node_agent.runtime.cgroups import Freezer
+from node_agent.runtime import cgroups
 from node_agent.runtime.instances import InstanceManager
 from node_agent.runtime.spawn import Process, SpawnRequest
 from tests.conftest import wait_for  # noqa: F401 - re-exported to the instance tests
@@ -31,7 +31,8 @@ ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "
 _names = itertools.count()
 _data_dirs: list[Path] = []
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the namespaces driver needs root")
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("runc") is None,
+                                reason="the oci driver needs root and runc (deploy/system-deps.sh)")
 
 
 def unique_name(prefix: str = "t") -> str:
@@ -166,14 +167,9 @@ def leak_check() -> Iterator[None]:
     """At the end of the session: no pid1 of a test instance runs, no test cgroup is left."""
     yield
     leaked = [pid for d in _data_dirs for pid in processes_mentioning(str(d))]
-    probe = Freezer.for_instance(CGROUP_PARENT, "x")
-    cgroup_parent = probe.path.parent if probe is not None else None
-    if cgroup_parent is not None and cgroup_parent.is_dir():
-        leftovers = [p.name for p in cgroup_parent.iterdir() if p.is_dir()]
-        if not leftovers:
-            cgroup_parent.rmdir()
-        assert not leftovers, f"test cgroups left behind: {leftovers}"
     assert not leaked, f"test instance processes left running: {leaked}"
+    leftovers = [p for p in cgroups.remove_tree(CGROUP_PARENT) if p.name != CGROUP_PARENT]
+    assert not leftovers, f"test cgroups left behind: {leftovers}"
 
 
 def new_data_dir() -> Path:
@@ -191,7 +187,7 @@ def data_dir() -> Iterator[Path]:
 
 @pytest.fixture
 async def manager(data_dir: Path) -> AsyncIterator[InstanceManager]:
-    m = InstanceManager(data_dir, driver="namespaces", cgroup_parent=CGROUP_PARENT)
+    m = InstanceManager(data_dir, driver="oci", cgroup_parent=CGROUP_PARENT)
     m.adopt()
     try:
         yield m

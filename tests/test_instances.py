@@ -20,6 +20,7 @@ from core.errors import BadRequest, Conflict, NotFound
 from node_agent.runtime import cgroups
 from node_agent.runtime.cgroups import Freezer
 from node_agent.runtime.instances import InstanceManager
+from node_agent.runtime.spawn import SpawnRequest
 from tests.instance_fixtures import (  # noqa: F401
     CGROUP_PARENT,
     ENV,
@@ -75,10 +76,10 @@ def test_create(manager: InstanceManager, data_dir: Path) -> None:
     assert [i.name for i in manager.list()] == ["c1"]
 
 
-def test_update_config_merges(manager: InstanceManager, data_dir: Path) -> None:
+async def test_update_config_merges(manager: InstanceManager, data_dir: Path) -> None:
     manager.create("c1", config={"a": "1", "b": "2"})
-    assert manager.update_config("c1", {"b": "3", "c": "4"}).config == {"a": "1", "b": "3", "c": "4"}
-    fresh = InstanceManager(data_dir, driver="namespaces", cgroup_parent=CGROUP_PARENT)
+    assert (await manager.update_config("c1", {"b": "3", "c": "4"})).config == {"a": "1", "b": "3", "c": "4"}
+    fresh = InstanceManager(data_dir, driver="oci", cgroup_parent=CGROUP_PARENT)
     assert fresh.get("c1").config == {"a": "1", "b": "3", "c": "4"}
 
 
@@ -261,7 +262,7 @@ async def test_freeze_and_unfreeze(manager: InstanceManager, cgroup_version: str
 
 async def test_readoption_by_a_new_manager(manager: InstanceManager, c1: str, data_dir: Path) -> None:
     pid = manager.get(c1).pid
-    fresh = InstanceManager(data_dir, driver="namespaces", cgroup_parent=CGROUP_PARENT)
+    fresh = InstanceManager(data_dir, driver="oci", cgroup_parent=CGROUP_PARENT)
     fresh.adopt()
     inst = fresh.get(c1)
     assert (inst.status, inst.pid) == ("Running", pid)
@@ -276,7 +277,7 @@ async def test_stale_state_is_not_adopted(manager: InstanceManager, c1: str, dat
     state = json.loads(state_file.read_text())
     await manager.stop(c1, force=True)
     state_file.write_text(json.dumps(state | {"pid": os.getpid()}))
-    fresh = InstanceManager(data_dir, driver="namespaces", cgroup_parent=CGROUP_PARENT)
+    fresh = InstanceManager(data_dir, driver="oci", cgroup_parent=CGROUP_PARENT)
     assert fresh.get(c1).status == "Stopped"
     assert not state_file.exists()
 
@@ -285,7 +286,7 @@ async def test_instance_survives_its_launcher(data_dir: Path) -> None:
     """The agent process that started an instance dies (SIGKILL): the instance lives on."""
     name = unique_name()
     script = (f"import asyncio, sys; from pathlib import Path; from node_agent.runtime.instances import InstanceManager\n"
-              f"m = InstanceManager(Path({str(data_dir)!r}), driver='namespaces', cgroup_parent={CGROUP_PARENT!r})\n"
+              f"m = InstanceManager(Path({str(data_dir)!r}), driver='oci', cgroup_parent={CGROUP_PARENT!r})\n"
               f"m.create({name!r}); print(asyncio.run(m.start({name!r})).pid, flush=True)\n"
               f"import time; time.sleep(1000)\n")
     agent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=Path(__file__).parent.parent)
@@ -295,7 +296,7 @@ async def test_instance_survives_its_launcher(data_dir: Path) -> None:
     finally:
         agent.kill()
         agent.wait()
-    manager = InstanceManager(data_dir, driver="namespaces", cgroup_parent=CGROUP_PARENT)
+    manager = InstanceManager(data_dir, driver="oci", cgroup_parent=CGROUP_PARENT)
     try:
         assert pid_alive(pid) and manager.get(name).status == "Running"
         assert await run(manager, name, ["true"]) == (0, "", "")
@@ -314,20 +315,37 @@ async def test_path_exists(manager: InstanceManager, c1: str) -> None:
             await manager.stop(c1, force=True)  # the same answers from the stopped rootfs
 
 
-async def test_open_pty_uses_the_instance_devpts(manager: InstanceManager, c1: str, data_dir: Path) -> None:
-    master, slave = manager.open_pty(c1)
+async def test_path_lookups_stay_inside_the_rootfs(manager: InstanceManager, c1: str, data_dir: Path) -> None:
+    """A symlink planted inside (root in there owns its files) that names a host path resolves inside."""
+    host_only = data_dir / "host-only"
+    host_only.mkdir()
+    (host_only / "marker").touch()
+    (data_dir / "instances" / c1 / "rootfs" / "escape").symlink_to(host_only)
+    (data_dir / "instances" / c1 / "rootfs" / "up").symlink_to("../../../../..")
+    for running in (True, False):
+        assert manager.path_exists(c1, "/escape/marker") is False
+        assert manager.path_exists(c1, "/up/etc/passwd") is True  # '..' stops at the instance's root
+        if running:
+            await manager.stop(c1, force=True)
+
+
+async def test_pty_comes_from_the_instance_devpts(manager: InstanceManager, c1: str) -> None:
+    """pid1 opens the terminal in the container's own devpts: the host's /dev/pts never serves an instance."""
+    proc = await manager.spawn(c1, SpawnRequest(["tty"], ENV, pty=True, width=80, height=24), ())
     try:
-        assert os.readlink(f"/proc/self/fd/{slave}").startswith(f"{data_dir}/instances/{c1}/rootfs/dev/pts/")
-        assert os.fstat(slave).st_dev != os.stat("/dev/pts/ptmx").st_dev
+        assert proc.pty_master is not None
+        assert os.fstat(proc.pty_master).st_dev != os.stat("/dev/pts/ptmx").st_dev
+        assert await proc.wait() == 0
     finally:
-        os.close(master)
-        os.close(slave)
+        proc.close()
+        if proc.pty_master is not None:
+            os.close(proc.pty_master)
 
 
 async def test_start_failure_is_reported(manager: InstanceManager, data_dir: Path) -> None:
     manager.create("broken")
-    shutil.rmtree(data_dir / "instances" / "broken" / "rootfs" / "proc")
-    with pytest.raises(Exception, match="Failed to start instance: .*proc"):
+    shutil.rmtree(data_dir / "instances" / "broken" / "rootfs")
+    with pytest.raises(Exception, match="Failed to start instance: .*rootfs"):
         await manager.start("broken")
     assert manager.get("broken").status == "Stopped"
 
@@ -389,7 +407,7 @@ ray.init(address="local", include_dashboard=False, _temp_dir=ray_tmp, num_cpus=1
 class Starter:
     async def start(self) -> tuple[int, int]:
         from node_agent.runtime.instances import InstanceManager
-        m = InstanceManager(Path(data_dir), driver="namespaces", cgroup_parent=cgroup_parent)
+        m = InstanceManager(Path(data_dir), driver="oci", cgroup_parent=cgroup_parent)
         m.create(name)
         return (await m.start(name)).pid or 0, os.getpid()
 
@@ -423,7 +441,7 @@ def test_instance_survives_ray_shutdown() -> None:
         wait_for(lambda: not pid_alive(pids["worker"]), 30, "the actor's worker to exit")
         wait_for(lambda: not processes_mentioning(ray_tmp), 60, "every Ray process to exit")
         assert pid_alive(pids["pid1"])
-        manager = InstanceManager(data, driver="namespaces", cgroup_parent=CGROUP_PARENT)
+        manager = InstanceManager(data, driver="oci", cgroup_parent=CGROUP_PARENT)
         try:
             assert manager.get(name).status == "Running"
             assert asyncio.run(run(manager, name, ["hostname"])) == (0, f"{name}\n", "")
@@ -437,7 +455,7 @@ def test_instance_survives_ray_shutdown() -> None:
 async def test_broken_definition_is_an_error_instance(manager: InstanceManager, data_dir: Path) -> None:
     manager.create("c1")
     (data_dir / "instances" / "c1" / "instance.json").write_text("{not json")
-    fresh = InstanceManager(data_dir, driver="namespaces", cgroup_parent=CGROUP_PARENT)
+    fresh = InstanceManager(data_dir, driver="oci", cgroup_parent=CGROUP_PARENT)
     assert fresh.get("c1").status == "Error"
     with pytest.raises(BadRequest, match="Cannot load instance"):
         await fresh.start("c1")
@@ -484,3 +502,30 @@ def test_process_driver_without_root() -> None:
         assert done.stdout.split("\n") == ["process True", "Running", "4 65534", "Stopped", ""]
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+async def test_instances_from_before_containers_are_migrated(data_dir: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """An instance the runtime before containers made (rootfs owned by host root, no id range), found
+    running: restarted as an unprivileged container with a warning; a stopped one migrates on its start."""
+    old = InstanceManager(data_dir, driver="process", cgroup_parent=CGROUP_PARENT)
+    old.create("legacy")
+    old.create("parked")
+    await old.start("legacy")
+    state = data_dir / "instances" / "legacy" / "state.json"
+    state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "driver"}))
+    assert (data_dir / "instances" / "legacy" / "rootfs").stat().st_uid == 0
+    manager = InstanceManager(data_dir, driver="oci", cgroup_parent=CGROUP_PARENT)
+    try:
+        manager.adopt()
+        assert await manager.migrate_legacy() == ["legacy"]
+        assert "restarting it as one" in caplog.text
+        await manager.start("parked")
+        for name in ("legacy", "parked"):
+            base = manager.get(name).id_base
+            assert base is not None and base >= 1_000_000
+            assert (data_dir / "instances" / name / "rootfs" / "bin" / "busybox").stat().st_uid == base
+            code, out, _ = await run(manager, name, ["sh", "-c", "id -u; cat /proc/self/uid_map"])
+            assert code == 0 and out.split()[:3] == ["0", "0", str(base)]
+    finally:
+        await cleanup_manager(manager)

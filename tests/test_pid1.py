@@ -225,44 +225,39 @@ async def test_oversized_argument_is_not_executable(manager: InstanceManager, c1
 
 @pytest.mark.parametrize("kw", [{}, FORK_PATH], ids=["posix_spawn", "fork"])
 async def test_pty(manager: InstanceManager, c1: str, kw: dict[str, int]) -> None:
-    master, slave = manager.open_pty(c1)
+    """pid1 opens the PTY (sized as asked) and hands back its master: non-blocking, not inheritable."""
+    proc = await manager.spawn(c1, SpawnRequest(["sh", "-c", "tty; stty size; test -t 0 && echo isatty; "
+                                                "ls -l $(tty) | cut -c1-10"],
+                                                ENV, pty=True, width=101, height=33, **kw), ())
     try:
-        assert not os.get_inheritable(master) and not os.get_inheritable(slave)
-        assert not os.get_blocking(master)
-        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
-        proc = await manager.spawn(c1, SpawnRequest(["sh", "-c", "tty; stty size; test -t 0 && echo isatty; "
-                                                    "ls -l $(tty) | cut -c1-10"],
-                                                    ENV, pty=True, **kw), (slave, slave, slave))
-        os.close(slave)
-        slave = -1
+        master = proc.pty_master
+        assert master is not None
+        assert not os.get_inheritable(master) and not os.get_blocking(master)
         out = (await asyncio.wait_for(read_until_eof(master), 10)).decode()
         assert await proc.wait() == 0
-        proc.close()
         lines = out.replace("\r", "").split("\n")
         assert lines[0].startswith("/dev/pts/")
         assert lines[1:3] == ["33 101", "isatty"]
+        assert lines[3] == "crw--w----"  # owned by the command's user, as a login terminal
     finally:
-        os.close(master)
-        if slave >= 0:
-            os.close(slave)
+        proc.close()
+        if proc.pty_master is not None:
+            os.close(proc.pty_master)
 
 
 async def test_pty_is_the_controlling_terminal(manager: InstanceManager, c1: str) -> None:
     """Ctrl-C typed on the PTY interrupts the foreground command (needs a controlling terminal)."""
-    master, slave = manager.open_pty(c1)
+    proc = await manager.spawn(c1, SpawnRequest(["sh", "-c", "echo ready; exec sleep 1000"], ENV, pty=True), ())
     try:
-        proc = await manager.spawn(c1, SpawnRequest(["sh", "-c", "echo ready; exec sleep 1000"], ENV, pty=True),
-                                   (slave, slave, slave))
-        os.close(slave)
-        slave = -1
+        master = proc.pty_master
+        assert master is not None
         await async_wait_for(lambda: _read_some(master).find(b"ready") >= 0, 10, "ready")
         os.write(master, b"\x03")
         assert await asyncio.wait_for(proc.wait(), 10) == 130
-        proc.close()
     finally:
-        os.close(master)
-        if slave >= 0:
-            os.close(slave)
+        proc.close()
+        if proc.pty_master is not None:
+            os.close(proc.pty_master)
 
 
 _pty_buffer = bytearray()

@@ -33,6 +33,11 @@ def register(app: FastAPI, backend: Frontend) -> None:
         await backend.update_instance(project(request, backend), name, await json_body(request), identity(request))
         return envelope.sync()
 
+    @app.put("/1.0/instances/{name}")
+    async def put_instance(name: str, request: Request) -> Response:  # what `lxc config set` sends
+        return envelope.async_op(await backend.replace_instance(project(request, backend), name,
+                                                                await json_body(request), identity(request)))
+
     @app.delete("/1.0/instances/{name}")
     async def delete_instance(name: str, request: Request) -> Response:
         return envelope.async_op(await backend.delete_instance(project(request, backend), name, identity(request)))

@@ -4,33 +4,39 @@ Instances are addressed by key: the name in the default project, ``<project>_<na
 (``records.key``); every method takes the key but ``create``, which takes the name and the project.
 On disk, under ``<data_dir>/instances/<key>/``:
 
-* ``instance.json``: name, image, config, created_at, last_used_at (the instance's definition);
+* ``instance.json``: name, image, config, created_at, last_used_at, id_base (the instance's definition);
 * ``state.json``: pid1's host pid and start time while it runs, so a restarted agent re-adopts it;
-* ``rootfs/``, ``spawn.sock`` (pid1's spawn socket), ``pid1.json`` (its start config), ``pid1.log``;
+* ``rootfs/`` (owned by the instance's root, host uid ``id_base``), ``config.json`` (the OCI bundle),
+  ``spawn.sock`` (pid1's spawn socket), ``pid1.log``;
 * ``exec-output/``: recorded output of exec (created by the exec layer).
 
-Drivers: ``namespaces`` (pid/mount/uts/ipc namespaces + chroot, the default as root) and ``process`` (no
-isolation at all, for development machines without root). Both run the same pid1 program.
+Drivers: ``oci`` (an unprivileged container under runc: user, pid, mount, network, ... namespaces,
+seccomp, limits; the default as root) and ``process`` (no isolation at all, for development machines
+without root). Both run the same pid1 program. Instances made by the runtime that came before containers
+(``namespaces``, root inside was host root) are migrated: their rootfs is shifted into an id range of
+their own when they next start, and those found running are restarted so (``migrate_legacy``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import os
 import shutil
 import signal
-import struct
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
 from core.errors import ApiError, BadRequest, Conflict, NotFound
-from node_agent.runtime import launcher, records, rootfs
+from node_agent.runtime import cgroups, idshift, images, launcher, records, rootfs, runc
 from node_agent.runtime.cgroups import Freezer
+from node_agent.runtime.container import ContainerRuntime, allocate_id_base
+from node_agent.runtime.images import ImageStore, Progress
+from node_agent.runtime.inroot import exists_in_root
+from node_agent.runtime.limits import Limits
 from node_agent.runtime.pid1.server import SOCKET_NAME
 from node_agent.runtime.records import KEY_RE, Driver, Record, now, validate_config, validate_name
 from node_agent.runtime.spawn import Process, SpawnRequest, spawn
@@ -38,8 +44,6 @@ from node_agent.runtime.spawn import Process, SpawnRequest, spawn
 log = logging.getLogger(__name__)
 
 InstanceStatus = Literal["Running", "Stopped", "Frozen", "Error"]
-TIOCSPTLCK = 0x40045431
-TIOCGPTPEER = 0x5441
 FREEZE_TIMEOUT = 10.0
 KILL_TIMEOUT = 10.0
 
@@ -54,27 +58,44 @@ class Instance:
     pid: int | None  # host pid of pid1 while running
     last_used_at: datetime | None
     project: str = records.DEFAULT_PROJECT
+    id_base: int | None = None  # the host uid of root inside (None: not a container)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A new instance's name and id range, held while its rootfs is made."""
+
+    key: str
+    image: str
+    config: dict[str, str]
+    id_base: int | None
 
 
 class InstanceManager:
-    def __init__(self, data_dir: Path, driver: str = "auto", cgroup_parent: str = "execbroker") -> None:
+    def __init__(self, data_dir: Path, driver: str = "auto", cgroup_parent: str = "execbroker",
+                 image_store: ImageStore | None = None) -> None:
         self.data_dir = Path(data_dir)
         self._root = self.data_dir / "instances"
         self._cgroup_parent = cgroup_parent
         self._records: dict[str, Record] = {}
         self._loaded = False
         self.driver_name: Driver = self._choose_driver(driver)
+        self.containers = ContainerRuntime(self.data_dir, cgroup_parent)
+        self.images = image_store or ImageStore()
+        self._creating: dict[str, int] = {}  # keys being created -> the id base they hold (-1: none)
 
     @staticmethod
     def _choose_driver(driver: str) -> Driver:
         if driver == "auto":
-            driver = "namespaces" if launcher.probe_namespaces() else "process"
+            driver = "oci" if os.geteuid() == 0 and runc.binary() is not None else "process"
         if driver == "process":
             msg = "execbroker: using the 'process' instance driver: commands run on the host without isolation"
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
             log.warning(msg)
-        elif driver != "namespaces":
+        elif driver != "oci":
             raise ValueError(f"Unknown instance driver {driver!r}")
+        elif runc.binary() is None:
+            raise ValueError("The oci driver needs runc (run deploy/system-deps.sh)")
         return driver  # type: ignore[return-value]
 
     # ------------------------------------------------------------------------------------- queries
@@ -82,6 +103,8 @@ class InstanceManager:
     def adopt(self) -> None:
         """Load every instance from disk; pid1s still running (same pid and start time) are Running."""
         self._root.mkdir(parents=True, exist_ok=True)
+        if self.driver_name == "oci":
+            self._open_path_to_rootfs()
         self._records = {}
         for entry in sorted(self._root.iterdir()):
             if entry.is_dir() and KEY_RE.fullmatch(entry.name):
@@ -89,6 +112,19 @@ class InstanceManager:
                 self._refresh(rec)
                 self._records[entry.name] = rec
         self._loaded = True
+
+    def _open_path_to_rootfs(self) -> None:
+        """runc mounts an instance's rootfs as the instance's root (an unprivileged host uid): every directory
+        on the way must let others pass (as LXD's ``/var/lib/lxd`` does: 0711, no listing). What lies
+        there is private by its own mode: files 0600, an instance's directory root:<its root gid> 0710."""
+        for path in (self.data_dir, self._root):
+            mode = path.stat().st_mode
+            if not mode & 0o001:
+                os.chmod(path, (mode & 0o7777) | 0o111)
+        for parent in self.data_dir.resolve().parents:
+            if not parent.stat().st_mode & 0o001:
+                raise ValueError(f"{parent} must be searchable by others (o+x) for unprivileged containers "
+                                 f"to reach their root filesystems below {self.data_dir}")
 
     def list(self) -> list[Instance]:
         self._ensure_loaded()
@@ -106,14 +142,20 @@ class InstanceManager:
         return self._dir(name) / "exec-output"
 
     def path_exists(self, name: str, path: str) -> bool:
-        """Whether ``path`` (absolute, as seen inside the instance) exists there."""
+        """Whether ``path`` (absolute, as seen inside the instance) exists there, resolved inside the
+        instance's root whatever symlinks it holds (never out to the host's files)."""
         rec = self._record(name)
         inside = "/" + path.lstrip("/")
         if self._refresh(rec) and rec.pid1 is not None:
-            return os.path.lexists(inside if rec.driver == "process" else f"/proc/{rec.pid1.pid}/root{inside}")
+            if rec.driver == "process":
+                return os.path.lexists(inside)
+            return exists_in_root(f"/proc/{rec.pid1.pid}/root", inside)
         if self.driver_name == "process":
             return os.path.lexists(inside)
-        return os.path.lexists(rootfs.path_in_rootfs(self._dir(name) / "rootfs", rec.image, inside))
+        host = rootfs.path_in_rootfs(self._dir(name) / "rootfs", rec.image, inside)
+        if not str(host).startswith(str(self._dir(name) / "rootfs")):
+            return os.path.lexists(host)  # under a read-only bind of a host directory
+        return exists_in_root(str(self._dir(name) / "rootfs"), inside)
 
     def _ensure_loaded(self) -> None:
         if not self._loaded:
@@ -158,41 +200,119 @@ class InstanceManager:
         status = self._status(rec)
         project, name = records.split_key(rec.name)
         return Instance(name, rec.image, dict(rec.config), rec.created_at, status,
-                        rec.pid1.pid if rec.pid1 else None, rec.last_used_at, project)
+                        rec.pid1.pid if rec.pid1 else None, rec.last_used_at, project, rec.id_base)
+
+    def usage(self, name: str) -> dict[str, int | None]:
+        """What the instance uses now (memory, CPU time, processes), from its cgroups."""
+        rec = self._record(name)
+        if not self._refresh(rec):
+            return {"memory": 0, "memory_peak": 0, "cpu_ns": 0, "processes": 0}
+        return cgroups.usage(self.containers.cgroup_path(name))
 
     # ------------------------------------------------------------------------------------ changes
 
     def create(self, name: str, image: str = "busybox", config: dict[str, str] | None = None,
                project: str = records.DEFAULT_PROJECT) -> Instance:
+        """Create a stopped instance from an image that needs no build (busybox, host, or a built debian)."""
+        res = self.reserve(name, image, config, project)
+        try:
+            staged = self._populate(res)
+        finally:
+            self.release(res)
+        return self._register(res, staged)
+
+    def reserve(self, name: str, image: str, config: dict[str, str] | None = None,
+                project: str = records.DEFAULT_PROJECT) -> Reservation:
+        """Check a new instance (BadRequest, Conflict) and take its name and id range until ``release``."""
         validate_name(name)
-        name = records.key(project, name)
-        if image not in rootfs.IMAGES:
-            raise BadRequest(f'Unknown image "{image}" (available: {", ".join(rootfs.IMAGES)})')
+        key = records.key(project, name)
+        if image not in images.NAMES:
+            raise BadRequest(f'Unknown image "{image}" (available: {", ".join(images.NAMES)})')
         cfg = validate_config(config or {})
         self._ensure_loaded()
-        path = self._dir(name)
-        if name in self._records or path.exists():
-            raise Conflict(f'Instance "{records.split_key(name)[1]}" already exists')
-        staging = self._root / f".{name}.creating"
+        if key in self._records or key in self._creating or self._dir(key).exists():
+            raise Conflict(f'Instance "{name}" already exists')
+        id_base = None
+        if self.driver_name == "oci":
+            try:
+                id_base = allocate_id_base(self._used_id_bases())
+            except launcher.LaunchError as exc:
+                raise ApiError(str(exc)) from None
+        self._creating[key] = id_base if id_base is not None else -1
+        return Reservation(key, image, cfg, id_base)
+
+    def release(self, res: Reservation) -> None:
+        self._creating.pop(res.key, None)
+
+    async def create_reserved(self, res: Reservation, progress: Progress) -> Instance:
+        """Create the reserved instance, building its image first if this host has not yet (``progress``
+        hears how that goes); the reservation is released either way."""
+        try:
+            await self.images.prepare(res.image, progress)
+            staged = await asyncio.to_thread(self._populate, res)
+        finally:
+            self.release(res)
+        return self._register(res, staged)
+
+    def _used_id_bases(self) -> set[int]:
+        return {r.id_base for r in self._records.values() if r.id_base is not None} | set(self._creating.values())
+
+    def _populate(self, res: Reservation) -> Path:
+        """The instance's directory, staged beside its final place: its rootfs, shifted into its id range."""
+        key, image, id_base = res.key, res.image, res.id_base
+        staging = self._root / f".{key}.creating"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         try:
-            rootfs.build_rootfs(image, staging / "rootfs", hostname=records.split_key(name)[1])
+            self.images.populate(image, staging / "rootfs", hostname=records.split_key(key)[1])
+            if id_base is not None:
+                idshift.shift(staging / "rootfs", id_base)
+            _private_dir(staging, id_base)
         except rootfs.RootfsError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise ApiError(str(exc)) from None
-        rec = Record(name, image, cfg, now())
-        os.rename(staging, path)
-        records.save(self._dir(rec.name), rec)
-        self._records[name] = rec
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return staging
+
+    def _register(self, res: Reservation, staged: Path) -> Instance:
+        rec = Record(res.key, res.image, res.config, now(), id_base=res.id_base)
+        os.rename(staged, self._dir(res.key))
+        records.save(self._dir(res.key), rec)
+        self._records[res.key] = rec
         return self._snapshot(rec)
 
-    def update_config(self, name: str, config: dict[str, str]) -> Instance:
-        """PATCH semantics: the given keys are set, the others kept."""
+    async def update_config(self, name: str, config: dict[str, str], replace: bool = False) -> Instance:
+        """The given keys are set, the others kept (PATCH), or the config becomes ``config`` (``replace``:
+        PUT); changed limits apply live to a running container."""
         rec = self._record(name)
-        rec.config.update(validate_config(config))
-        records.save(self._dir(rec.name), rec)
-        return self._snapshot(rec)
+        async with rec.lock:
+            merged = validate_config(dict(config) if replace else {**rec.config, **validate_config(config)})
+            limits_changed = Limits.from_config(merged) != Limits.from_config(rec.config)
+            if rec.driver == "oci" and self._refresh(rec) and limits_changed:
+                try:
+                    await asyncio.to_thread(self.containers.update, name, merged)
+                except launcher.LaunchError as exc:
+                    raise ApiError(str(exc)) from None
+            rec.config = merged
+            records.save(self._dir(rec.name), rec)
+            return self._snapshot(rec)
+
+    async def migrate_legacy(self) -> list[str]:
+        """Instances still running the runtime from before containers (root inside was host root): each is
+        restarted as an unprivileged container, its rootfs shifted into an id range of its own. Returns
+        their keys."""
+        migrated = []
+        for rec in list(self._records.values()):
+            if rec.driver != "namespaces" or not self._refresh(rec) or self.driver_name != "oci":
+                continue
+            log.warning("instance %s runs the runtime from before unprivileged containers: restarting it as "
+                        "one (root inside becomes an unprivileged host uid)", rec.name)
+            await self.stop(rec.name, timeout=KILL_TIMEOUT)
+            await self.start(rec.name)
+            migrated.append(rec.name)
+        return migrated
 
     async def start(self, name: str) -> Instance:
         rec = self._record(name)
@@ -202,21 +322,6 @@ class InstanceManager:
                 raise BadRequest("The instance is already running")
             if status == "Error":
                 raise BadRequest(rec.broken or "The instance is broken")
-            path = self._dir(name)
-            freezer = self._freezer(name)
-            if freezer is not None:
-                freezer.create()
-                freezer.kill_all()  # leftovers of an earlier run (process driver) must not linger
-            config = {
-                "name": records.split_key(name)[1],  # the hostname inside
-                "isolation": self.driver_name,
-                "instance_dir": str(path),
-                "rootfs": str(path / "rootfs"),
-                "binds": [asdict(b) for b in rootfs.image_binds(rec.image)],
-                "cgroup_procs": str(freezer.procs_file) if freezer is not None else None,
-                "log": str(path / "pid1.log"),
-            }
-            records.write_json(path / "pid1.json", config)
             launch = asyncio.ensure_future(asyncio.to_thread(self._launch, rec))
             try:
                 await asyncio.shield(launch)
@@ -239,9 +344,31 @@ class InstanceManager:
     def _launch(self, rec: Record) -> None:
         """Start pid1 and record it (memory and state.json). Blocking: runs in a worker thread."""
         path = self._dir(rec.name)
-        ident = launcher.launch(path / "pid1.json")
+        if self.driver_name == "oci":
+            if rec.id_base is None:
+                self._migrate(rec)
+            ident = self.containers.start(rec.name, path, rec.id_base, rootfs.image_binds(rec.image),  # type: ignore[arg-type]
+                                          rec.config)
+        else:
+            freezer = self._freezer(rec.name)
+            if freezer is not None:
+                freezer.create()
+                freezer.kill_all()  # leftovers of an earlier run must not linger
+            config = {"instance_dir": str(path), "log": str(path / "pid1.log"),
+                      "cgroup_procs": str(freezer.procs_file) if freezer is not None else None}
+            records.write_json(path / "pid1.json", config)
+            ident = launcher.launch(path / "pid1.json")
         records.save_state(path, ident, self.driver_name)
         rec.pid1, rec.driver = ident, self.driver_name
+
+    def _migrate(self, rec: Record) -> None:
+        """An instance from before containers: its rootfs was host root's; shift it into a range of its own."""
+        rec.id_base = allocate_id_base(self._used_id_bases())
+        changed = idshift.shift(self._dir(rec.name) / "rootfs", rec.id_base)
+        _private_dir(self._dir(rec.name), rec.id_base)
+        records.save(self._dir(rec.name), rec)
+        log.warning("instance %s: migrated to an unprivileged container: root inside is host uid %d now "
+                    "(%d files shifted)", rec.name, rec.id_base, changed)
 
     async def stop(self, name: str, timeout: float = 10.0, force: bool = False) -> Instance:
         """SIGTERM pid1 (it passes SIGTERM on and exits once the instance is empty); SIGKILL after
@@ -261,13 +388,15 @@ class InstanceManager:
                 launcher.send_signal(ident, signal.SIGKILL)  # the kernel then kills the whole pid namespace
                 if not await launcher.wait_exit(ident, KILL_TIMEOUT):
                     raise ApiError("Failed to stop the instance: pid1 did not exit after SIGKILL")
-            if freezer is not None:
+            if rec.driver == "oci":
+                await asyncio.to_thread(self.containers.stop, name)
+            elif freezer is not None:
                 await self._kill_leftovers(freezer)
             self._refresh(rec)
             return self._snapshot(rec)
 
     async def _kill_leftovers(self, freezer: Freezer) -> None:
-        """Processes that escaped pid1's end (only possible without a pid namespace)."""
+        """Processes that escaped pid1's end (only possible without a pid namespace: the process driver)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + KILL_TIMEOUT
         while freezer.pids() and loop.time() < deadline:
@@ -318,8 +447,9 @@ class InstanceManager:
             path = self._dir(name)
             if self._mounts_below(path):  # never recurse into a host directory bind-mounted here
                 raise ApiError(f"Cannot delete instance {name}: filesystems are still mounted below {path}")
+            await asyncio.to_thread(self.containers.stop, name)  # runc's state, if a run left any
             if path.exists():  # gone already if another manager deleted it
-                shutil.rmtree(path)
+                await asyncio.to_thread(shutil.rmtree, path)
             freezer = self._freezer(name)
             if freezer is not None:
                 freezer.remove()
@@ -336,22 +466,10 @@ class InstanceManager:
 
     # -------------------------------------------------------------------------------------- exec
 
-    def open_pty(self, name: str) -> tuple[int, int]:
-        """(master, slave) from the instance's own devpts (so ``tty`` inside names /dev/pts/N), else from the
-        host's. Both non-inheritable; the master is non-blocking. The caller owns and closes both."""
-        rec = self._record(name)
-        if rec.driver == "namespaces" and rec.pid1 is not None and self._refresh(rec):
-            try:
-                return _open_instance_pty(f"/proc/{rec.pid1.pid}/root/dev/pts/ptmx")
-            except OSError as exc:
-                log.debug("instance %s: falling back to a host PTY: %s", name, exc)
-        master, slave = os.openpty()
-        os.set_blocking(master, False)
-        return master, slave
-
-    async def spawn(self, name: str, req: SpawnRequest, fds: tuple[int, int, int]) -> Process:
-        """Start ``req`` inside the instance with ``fds`` as stdin/stdout/stderr (see node_agent.runtime.spawn for
-        who closes what). Raises SpawnError, or BadRequest if the instance is not running or frozen."""
+    async def spawn(self, name: str, req: SpawnRequest, fds: tuple[int, ...]) -> Process:
+        """Start ``req`` inside the instance with ``fds`` as stdin/stdout/stderr, or on a new PTY (``req.pty``,
+        no fds: ``Process.pty_master``); see node_agent.runtime.spawn for who closes what. Raises SpawnError,
+        or BadRequest if the instance is not running or frozen."""
         rec = self._record(name)
         if rec.pid1 is None:
             raise BadRequest("Instance is not running")
@@ -363,13 +481,10 @@ class InstanceManager:
         return process
 
 
-def _open_instance_pty(ptmx: str) -> tuple[int, int]:
-    master = os.open(ptmx, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK)
-    try:
-        fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
-        slave = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError:
-        os.close(master)
-        raise
-    return master, slave
-
+def _private_dir(path: Path, id_base: int | None) -> None:
+    """An instance's directory: root's; a container's root (group ``id_base``) may only pass to its rootfs."""
+    if id_base is None:
+        os.chmod(path, 0o700)
+    else:
+        os.chown(path, 0, id_base)
+        os.chmod(path, 0o710)

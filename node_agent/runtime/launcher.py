@@ -1,7 +1,8 @@
-"""Agent side of pid1's life: start it detached, recognise it again later, signal it, wait for its end.
+"""Agent side of pid1's life: start it detached (process driver; containers: container.py), recognise it
+again later, signal it, wait for its end.
 
-pid1 is never a child of the agent: the launcher (our child, in a new session) forks it and exits, so it is
-reparented to the host's init and outlives the agent and its Ray worker. A process is identified by its host
+pid1 is never a child of the agent: the launcher (our child, in a new session) forks it and exits (or runc
+does, detached), so it is reparented to the host's init and outlives the agent and its Ray worker. A process is identified by its host
 pid *and* its start time (``/proc/PID/stat`` field 22), which survives agent restarts and rules out pid reuse.
 """
 
@@ -61,18 +62,6 @@ def launch(config_path: Path, timeout: float = 30.0) -> Pid1Identity:
     return Pid1Identity(int(report["pid"]), int(report["start_time"]))
 
 
-def probe_namespaces() -> bool:
-    """True if this machine lets us create the namespaces the ``namespaces`` driver needs."""
-    if os.geteuid() != 0:
-        return False
-    try:
-        done = subprocess.run([_python(), *PYTHON_ARGS, str(PID1), "probe"], capture_output=True,
-                              timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
-
-
 def _stat(pid: int) -> tuple[str, int, int] | None:
     """(state letter, parent pid, start time) of a host process, or None if there is no such process."""
     try:
@@ -80,6 +69,12 @@ def _stat(pid: int) -> tuple[str, int, int] | None:
     except OSError:
         return None
     return fields[0].decode(), int(fields[1]), int(fields[19])
+
+
+def identify(pid: int) -> Pid1Identity | None:
+    """The identity of a running host process (None if it is gone)."""
+    st = _stat(pid)
+    return None if st is None or st[0] in ("Z", "X") else Pid1Identity(pid, st[2])
 
 
 def parent_pid(pid: int) -> int | None:

@@ -1,5 +1,6 @@
-"""What a node keeps of each instance: its definition (``instance.json``) and the pid1 it runs
-(``state.json``), the name and config rules, and how both are read and written (atomically)."""
+"""What a node keeps of each instance: its definition (``instance.json``: image, config, its id range)
+and the pid1 it runs (``state.json``), the name and config rules, and how both are read and written
+(atomically)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,12 @@ from typing import Literal
 
 from core.errors import BadRequest
 from node_agent.runtime.launcher import Pid1Identity
+from node_agent.runtime.limits import Limits
 
-Driver = Literal["namespaces", "process"]
+# oci: an unprivileged container under runc; process: no isolation (development without root);
+# namespaces: the runtime before containers (instances still running it are adopted, and migrated to oci
+# when they next start)
+Driver = Literal["oci", "process", "namespaces"]
 NAME_RE = re.compile(r"[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 # An instance's key on a node: its name in the default project, ``<project>_<name>`` in another (as LXD
 # names its storage; project names hold no ``_`` and never start with ``.``, instance names neither).
@@ -43,7 +48,8 @@ class Record:
     created_at: datetime
     last_used_at: datetime | None = None
     pid1: Pid1Identity | None = None
-    driver: Driver = "namespaces"  # of the running pid1 (a manager may adopt instances of another driver)
+    driver: Driver = "oci"  # of the running pid1 (a manager may adopt instances of another driver)
+    id_base: int | None = None  # host uid (and gid) of root inside; None: never containerized yet
     broken: str | None = None  # why the definition could not be loaded (status Error)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
@@ -59,6 +65,10 @@ def validate_config(config: dict[str, str]) -> dict[str, str]:
     if not isinstance(config, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                for k, v in config.items()):
         raise BadRequest("Instance config must map strings to strings")
+    Limits.from_config(config)  # limits.* must parse
+    flag = config.get("security.no_new_privs", "false")
+    if flag not in ("true", "false"):
+        raise BadRequest(f'Invalid security.no_new_privs "{flag}": true or false')
     return dict(config)
 
 
@@ -67,8 +77,15 @@ def now() -> datetime:
 
 
 def write_json(path: Path, data: object) -> None:
+    write_private(path, json.dumps(data, indent=1))
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace ``path`` atomically with ``text``, readable by its owner (root) only."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
     os.replace(tmp, path)
 
 
@@ -77,13 +94,14 @@ def load(path: Path, name: str) -> Record:
     try:
         d = json.loads((path / "instance.json").read_text())
         rec = Record(name, d["image"], dict(d["config"]), datetime.fromisoformat(d["created_at"]),
-                     datetime.fromisoformat(d["last_used_at"]) if d.get("last_used_at") else None)
+                     datetime.fromisoformat(d["last_used_at"]) if d.get("last_used_at") else None,
+                     id_base=int(d["id_base"]) if d.get("id_base") is not None else None)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return Record(name, "", {}, now(), broken=f"Cannot load instance: {exc}")
     try:
         s = json.loads((path / "state.json").read_text())
         rec.pid1 = Pid1Identity(int(s["pid"]), int(s["start_time"]))
-        rec.driver = "process" if s.get("driver") == "process" else "namespaces"
+        rec.driver = s["driver"] if s.get("driver") in ("oci", "process") else "namespaces"
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return rec
@@ -94,6 +112,7 @@ def save(path: Path, rec: Record) -> None:
         "name": rec.name, "image": rec.image, "config": rec.config,
         "created_at": rec.created_at.isoformat(),
         "last_used_at": rec.last_used_at.isoformat() if rec.last_used_at else None,
+        "id_base": rec.id_base,
     })
 
 

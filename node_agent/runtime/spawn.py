@@ -1,11 +1,16 @@
-"""Agent side of the spawn protocol (see ``node_agent/pid1.py``): start a command inside an instance.
+"""Agent side of the spawn protocol (see ``node_agent/runtime/pid1``): start a command inside an instance.
 
 Fully non-blocking and thread-free: each ``Process`` is one SOCK_SEQPACKET connection to the instance's pid1
 with one event-loop reader on it, so an agent can hold thousands of them.
 
 File descriptors: ``spawn()`` sends *copies* of the caller's three fds to pid1 (SCM_RIGHTS) and never closes
 the caller's fds; the caller closes its copies once ``spawn()`` returned or raised (for pipes: the ends the
-command uses, so that EOF works). pid1 closes its copies right after forking.
+command uses, so that EOF works). pid1 closes its copies right after forking. A PTY is opened by pid1,
+inside the instance (its own devpts: no host path is looked up in the instance's root), and its master
+comes back with the reply: ``Process.pty_master``, the caller's to close.
+
+Bounds: the request is at most 4 MiB; pid1 must answer within ``REPLY_TIMEOUT`` seconds (a silent pid1
+fails the spawn, the connection closed: nothing waits forever, nothing leaks).
 
 Lifetime: the connection *is* the command's leash. ``Process.close()`` while the command runs makes pid1
 SIGKILL the command's process group; after ``wait()`` returned, ``close()`` only releases the socket.
@@ -13,6 +18,7 @@ SIGKILL the command's process group; after ``wait()`` returned, ``close()`` only
 
 from __future__ import annotations
 
+import array
 import asyncio
 import json
 import os
@@ -27,6 +33,8 @@ from core.errors import BadRequest, SpawnError
 EXIT_PID1_GONE = 137
 SUN_PATH_MAX = 107
 REQUEST_BUFFER = 4 << 20  # pid1 reads requests up to this size
+REPLY_TIMEOUT = 10.0
+FD_SIZE = array.array("i").itemsize
 
 
 class Pid1Unavailable(BadRequest):
@@ -41,11 +49,13 @@ class SpawnRequest:
     cwd: str = ""  # empty: $HOME from env if that directory exists, else /
     uid: int = 0
     gid: int = 0
-    pty: bool = False  # the three fds are the PTY slave; it becomes the controlling terminal
+    pty: bool = False  # run on a new PTY (pid1 opens it; no fds are sent); it becomes the controlling terminal
+    width: int = 0
+    height: int = 0
 
     def encode(self) -> bytes:
         return json.dumps({"argv": self.argv, "env": self.env, "cwd": self.cwd, "uid": self.uid,
-                           "gid": self.gid, "pty": self.pty}).encode()
+                           "gid": self.gid, "pty": self.pty, "width": self.width, "height": self.height}).encode()
 
 
 def exit_code(wait_status: int) -> int:
@@ -57,9 +67,10 @@ def exit_code(wait_status: int) -> int:
 class Process:
     """A command running inside an instance, as pid1 reported it. Create with ``spawn()``."""
 
-    def __init__(self, pid: int, host_pid: int | None, sock: socket.socket) -> None:
+    def __init__(self, pid: int, host_pid: int | None, sock: socket.socket, pty_master: int | None = None) -> None:
         self.pid = pid  # in the instance's pid namespace
         self.host_pid = host_pid  # in our own pid namespace; None if it could not be determined
+        self.pty_master = pty_master  # the command's terminal (non-blocking), when it asked for one
         self._sock = sock
         self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._outbox: list[bytes] = []
@@ -139,16 +150,18 @@ class Process:
         self.close()
 
 
-async def spawn(socket_path: Path, req: SpawnRequest, fds: tuple[int, int, int]) -> Process:
-    """Ask the pid1 listening at ``socket_path`` to run ``req`` with ``fds`` as its stdin/stdout/stderr.
+async def spawn(socket_path: Path, req: SpawnRequest, fds: tuple[int, ...]) -> Process:
+    """Ask the pid1 listening at ``socket_path`` to run ``req`` with ``fds`` as its stdin/stdout/stderr
+    (none for a PTY, which pid1 opens: ``Process.pty_master``).
 
-    Raises ``SpawnError`` when the command could not be started (bad cwd, uid, ...) and
-    ``BadRequest("Instance is not running")`` when no pid1 answers.
+    Raises ``SpawnError`` when the command could not be started (bad cwd, uid, ..., or no answer in time)
+    and ``BadRequest("Instance is not running")`` when no pid1 answers.
     """
     if not req.argv:
         raise SpawnError("Missing command")
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+    received: dict[str, int] = {}
     try:
         await _connect(loop, sock, socket_path)
         payload = req.encode()
@@ -157,21 +170,38 @@ async def spawn(socket_path: Path, req: SpawnRequest, fds: tuple[int, int, int])
         if len(payload) > 200_000:  # default socket buffers hold ~200 KiB per message
             _grow_send_buffer(sock, len(payload) + 4096)
         await _send(loop, sock, payload, fds)
-        reply, pidfds = await _recv(loop, sock)
+        try:
+            reply, got = await asyncio.wait_for(_recv(loop, sock), REPLY_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise SpawnError(f"The instance did not answer the spawn request within {REPLY_TIMEOUT:.0f} s") from None
         try:
             if not reply:
                 raise Pid1Unavailable()
             msg = json.loads(reply)
             if "error" in msg:
                 raise SpawnError(str(msg["error"]))
-            host_pid = _pidfd_host_pid(pidfds[0]) if pidfds else None
-        finally:
-            for fd in pidfds:
+            names = msg.get("fds", ["pidfd"] if got else [])  # an older pid1 sends a pidfd only
+            received = dict(zip(names, got))
+            for fd in got[len(names):]:
                 os.close(fd)
+            host_pid = _pidfd_host_pid(received["pidfd"]) if "pidfd" in received else None
+            pid = int(msg["pid"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SpawnError(f"Malformed answer from the instance's pid1: {exc}") from None
+        finally:
+            if "pidfd" in received:
+                os.close(received.pop("pidfd"))
+        master = received.pop("pty", None)
+        if req.pty and master is None:
+            raise SpawnError("The instance's pid1 sent no terminal")
+        if master is not None:
+            os.set_blocking(master, False)
     except BaseException:
+        for fd in received.values():
+            os.close(fd)
         sock.close()
         raise
-    return Process(int(msg["pid"]), host_pid, sock)
+    return Process(pid, host_pid, sock, master)
 
 
 async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, path: Path) -> None:
@@ -200,7 +230,7 @@ def _grow_send_buffer(sock: socket.socket, size: int) -> None:
 
 
 async def _send(loop: asyncio.AbstractEventLoop, sock: socket.socket, payload: bytes,
-                fds: tuple[int, int, int]) -> None:
+                fds: tuple[int, ...]) -> None:
     while True:
         try:
             socket.send_fds(sock, [payload], list(fds))
@@ -216,8 +246,13 @@ async def _send(loop: asyncio.AbstractEventLoop, sock: socket.socket, payload: b
 async def _recv(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[bytes, list[int]]:
     while True:
         try:
-            data, fds, _flags, _addr = socket.recv_fds(sock, 4096, 1, socket.MSG_CMSG_CLOEXEC)
-            return data, fds
+            # not socket.recv_fds: it drops its flags argument, and the fds would come without close-on-exec
+            data, ancdata, _flags, _addr = sock.recvmsg(4096, socket.CMSG_SPACE(2 * FD_SIZE), socket.MSG_CMSG_CLOEXEC)
+            fds = array.array("i")
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(payload[:len(payload) - len(payload) % FD_SIZE])
+            return data, list(fds)
         except BlockingIOError:
             await _ready(loop, sock, write=False)
         except ConnectionResetError:

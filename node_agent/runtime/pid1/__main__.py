@@ -1,4 +1,5 @@
-"""Entry point: ``python -I -S <this directory> launch CONFIG.json | probe``."""
+"""Entry point: ``python -I -S <this directory> launch CONFIG.json | container [LABEL]`` (the label, the
+instance's directory on the host, only names the process for whoever lists the host's processes)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,15 @@ import sys
 if not __package__:  # run as a directory: make ``node_agent`` importable from the tree holding it
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from node_agent.runtime.pid1.launch import launch, probe  # noqa: E402
+from node_agent.runtime.pid1.launch import container, launch
 
 
 def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[1] == "launch":
         return launch(argv[2])
-    if len(argv) == 2 and argv[1] == "probe":
-        return probe()
-    print("usage: pid1 launch CONFIG.json | probe", file=sys.stderr)
+    if len(argv) in (2, 3) and argv[1] == "container":
+        return container()
+    print("usage: pid1 launch CONFIG.json | container [LABEL]", file=sys.stderr)
     return 2
 
 

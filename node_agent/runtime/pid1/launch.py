@@ -1,5 +1,12 @@
-"""The launcher: the short-lived process that starts pid1 (joins the freezer cgroup, unshares the
-namespaces, forks pid1, waits for its readiness), prints one JSON line and exits."""
+"""How pid1 comes to life.
+
+* In a container (``pid1 container``): runc has made the namespaces, mounts and root; pid1 is the
+  container's process and finds its listening socket and readiness pipe on fds 3 and 4.
+* With the process driver (``pid1 launch CONFIG.json``, development only): the launcher, started by the
+  agent in a new session, joins the instance's freezer cgroup, forks pid1, waits for its readiness,
+  prints one JSON line (``{"pid": N, "start_time": T}`` or ``{"error": "..."}``) and exits, so pid1 is
+  reparented away from the agent.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +14,33 @@ import json
 import os
 import selectors
 import signal
+import socket
 
 from node_agent.runtime.pid1.server import READY, Pid1
 from node_agent.runtime.pid1.spawner import write_all
-from node_agent.runtime.pid1.syscalls import (
-    CLONE_NEWIPC,
-    CLONE_NEWNS,
-    CLONE_NEWPID,
-    CLONE_NEWUTS,
-    proc_stat,
-    reset_signals,
-    unshare,
-)
+from node_agent.runtime.pid1.syscalls import proc_stat, reset_signals
+
+LISTEN_FD, READY_FD = 3, 4
+
+
+def container() -> int:
+    """pid1 as the container's process (never returns while it serves)."""
+    try:
+        for fd in (LISTEN_FD, READY_FD):  # runc hands them over inheritable: commands must not get them
+            os.set_inheritable(fd, False)
+        listener = socket.socket(fileno=LISTEN_FD)
+    except OSError as exc:
+        write_all(READY_FD, f"no listening socket on fd {LISTEN_FD}: {exc}".encode())
+        return 1
+    try:
+        Pid1(isolated=True, ready_fd=READY_FD).serve_container(listener)
+    except BaseException as exc:  # noqa: BLE001 - any failure must reach the agent as text
+        write_all(READY_FD, f"{type(exc).__name__}: {exc}".encode(errors="replace"))
+    return 1
 
 
 def launch(config_path: str) -> int:
-    """Start pid1 for the instance described by ``config_path``; print one JSON line; exit."""
+    """Start a process-driver pid1 for the instance described by ``config_path``; print one JSON line."""
     with open(config_path) as f:
         cfg = json.load(f)
     reset_signals()
@@ -36,8 +54,6 @@ def launch(config_path: str) -> int:
         if cfg.get("cgroup_procs"):
             with open(cfg["cgroup_procs"], "w") as f:
                 f.write(str(os.getpid()))
-        if cfg["isolation"] == "namespaces":
-            unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC)
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
     except OSError as exc:
@@ -46,12 +62,12 @@ def launch(config_path: str) -> int:
     if pid == 0:
         os.close(ready_r)
         try:
-            Pid1(cfg, ready_w).serve()
+            Pid1(isolated=False, ready_fd=ready_w).serve_process(cfg["instance_dir"], cfg["log"])
         except BaseException as exc:  # noqa: BLE001 - any failure must reach the launcher as text
             write_all(ready_w, f"{type(exc).__name__}: {exc}".encode(errors="replace"))
         os._exit(1)
     os.close(ready_w)
-    report = _read_until_eof(ready_r, timeout=float(cfg.get("ready_timeout", 30)))
+    report = read_until_eof(ready_r, timeout=float(cfg.get("ready_timeout", 30)))
     if report == READY:
         print(json.dumps({"pid": pid, "start_time": int(proc_stat(pid)[19])}), flush=True)
         return 0
@@ -65,7 +81,7 @@ def launch(config_path: str) -> int:
     return 1
 
 
-def _read_until_eof(fd: int, timeout: float) -> bytes:
+def read_until_eof(fd: int, timeout: float) -> bytes:
     sel = selectors.DefaultSelector()
     sel.register(fd, selectors.EVENT_READ)
     chunks = []
@@ -75,14 +91,3 @@ def _read_until_eof(fd: int, timeout: float) -> bytes:
             return b"".join(chunks)
         chunks.append(chunk)
     return b"timed out waiting for pid1"
-
-
-
-def probe() -> int:
-    """Exit 0 when this process may create the namespaces the ``namespaces`` driver needs."""
-    try:
-        unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC)
-    except OSError:
-        return 1
-    return 0
-

@@ -4,6 +4,7 @@ reaps every child (commands and the orphans the namespace hands it) and ends the
 from __future__ import annotations
 
 import array
+import errno
 import json
 import os
 import selectors
@@ -11,16 +12,19 @@ import signal
 import socket
 import struct
 import sys
+import time
 from typing import Any, NoReturn
 
-from node_agent.runtime.pid1.mounts import mount_filesystems
-from node_agent.runtime.pid1.spawner import PosixSpawn, Request, exec_child, write_all
-from node_agent.runtime.pid1.syscalls import PR_SET_CHILD_SUBREAPER, prctl, reset_signals
+from node_agent.runtime.pid1.spawner import PosixSpawn, Request, exec_child, open_pty, write_all
+from node_agent.runtime.pid1.syscalls import PR_SET_CHILD_SUBREAPER, PR_SET_DUMPABLE, prctl, reset_signals
 
 SOCKET_NAME = "spawn.sock"
 READY = b"ready"
 MAX_REQUEST = 4 << 20  # argv + env of one exec; the kernel's own limit is about 2 MiB
 FDS_SPACE = socket.CMSG_SPACE(3 * struct.calcsize("i"))
+MAX_FINISHED_GROUPS = 4096
+PIDS_EVENTS = ("/sys/fs/cgroup/pids/pids.events", "/sys/fs/cgroup/pids.events")
+RECLAIM_TIMEOUT = 1.0
 
 
 # ------------------------------------------------------------------------------------------------- pid1
@@ -36,12 +40,15 @@ class _Exec:
         self.status = b""
         self.started = False  # reply sent (exec succeeded)
         self.reaped: int | None = None  # wait status, once reaped
+        self.pty_master = -1  # a PTY this pid1 opened for the command: goes to the agent with the reply
 
 
 class Pid1:
-    def __init__(self, cfg: dict[str, Any], ready_fd: int) -> None:
-        self.cfg = cfg
-        self.isolated = cfg["isolation"] == "namespaces"
+    """``isolated``: PID 1 of its own pid namespace (a container), where signalling everything (-1) is
+    safe and a dead parent takes its children along; else (the process driver) an ordinary process."""
+
+    def __init__(self, isolated: bool, ready_fd: int) -> None:
+        self.isolated = isolated
         self.ready_fd = ready_fd
         self.sel = selectors.DefaultSelector()
         self.by_pid: dict[int, _Exec] = {}
@@ -50,27 +57,41 @@ class Pid1:
         self.max_fd = os.sysconf("SC_OPEN_MAX")
         self.buffer = bytearray(MAX_REQUEST)
         self.spawner = PosixSpawn()
+        self.finished_groups: dict[int, None] = {}  # process groups of commands that exited, oldest first
+        # the instance's pids cgroup (mounted read-only by runc), v1 or v2; its "max" count of failed forks
+        self.pids_events = next((p for p in PIDS_EVENTS if isolated and os.path.exists(p)), None)
+        self.limit_hits = 0
 
     # ---- setup
 
-    def serve(self) -> NoReturn:
+    def serve_container(self, listener: socket.socket) -> NoReturn:
+        """Inside the container runc made (namespaces, pivot_root, hostname, mounts done): serve on the
+        listening socket runc passed in. Not dumpable: nothing inside may open this process's /proc
+        files (fds, memory, map_files) or ptrace it, whatever its uid there."""
+        prctl(PR_SET_DUMPABLE, 0)
+        try:
+            os.setsid()
+        except OSError:
+            pass  # already a session leader
+        self.listener = listener
+        self.listener.setblocking(False)
+        self._serve()
+
+    def serve_process(self, instance_dir: str, log_path: str) -> NoReturn:
+        """The process driver (development only): an ordinary process on the host, binding its socket."""
         os.setsid()  # own session: nothing aimed at the launcher's group reaches pid1
         devnull = os.open("/dev/null", os.O_RDWR)
-        log = os.open(self.cfg["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.dup2(devnull, 0)
         os.dup2(log, 1)
         os.dup2(log, 2)
         os.close(devnull)
         os.close(log)
-        instance_dir = self.cfg["instance_dir"]
-        if self.isolated:
-            mount_filesystems(self.cfg)
-            socket.sethostname(self.cfg["name"])
         self.listener = self._listen(instance_dir)
-        if self.isolated:
-            os.chroot(self.cfg["rootfs"])
-        else:
-            prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans come to us, as they would to a PID 1
+        prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans come to us, as they would to a PID 1
+        self._serve()
+
+    def _serve(self) -> NoReturn:
         os.chdir("/")
         self._install_signals()
         self.sel.register(self.listener, selectors.EVENT_READ, self._on_accept)
@@ -202,6 +223,9 @@ class Pid1:
             return
         try:
             self._spawn(ex, data, fds)
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong, the agent gets an answer
+            if not ex.started and ex.conn is not None:
+                self._refuse(ex, f"Failed to start the command: {type(exc).__name__}: {exc}")
         finally:
             for fd in fds:
                 os.close(fd)
@@ -254,35 +278,54 @@ class Pid1:
             req = Request(data)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             return self._refuse(ex, f"Invalid spawn request: {exc}")
-        if len(fds) != 3:
-            return self._refuse(ex, "Invalid spawn request: expected 3 file descriptors")
+        if len(fds) != (0 if req.pty else 3):
+            return self._refuse(ex, f"Invalid spawn request: expected {0 if req.pty else 3} file descriptors")
         if self.stopping:
             return self._refuse(ex, "Instance is stopping")
         if not self.isolated and os.getuid() != 0:
             # Unprivileged process driver: "root" (the API's default) means the agent's own user.
             req.uid, req.gid = req.uid or os.getuid(), req.gid or os.getgid()
+        if self._limit_hit() and self.finished_groups:
+            self._reclaim()  # a fork bomb may have left every process slot taken: make room first
         if not req.cwd:
             home = req.env.get("HOME", "")
             req.cwd = home if home and os.path.isdir(home) else "/"
+        slave = -1
+        if req.pty:
+            try:
+                ex.pty_master, slave = open_pty(req)
+            except OSError as exc:
+                return self._refuse(ex, f"Failed to allocate a terminal: {exc.strerror}")
+            fds = [slave, slave, slave]
         try:
-            pid = self.spawner.try_spawn(req, fds, self.isolated)
-        except OSError as exc:
-            return self._refuse(ex, f"Failed to change directory to {req.cwd}: {exc.strerror}")
-        if pid is not None:
-            ex.pid = pid
-            self.by_pid[pid] = ex
-            self._started(ex)
-        else:
-            self._fork_spawn(ex, req, fds)
+            try:
+                pid = self.spawner.try_spawn(req, fds, self.isolated)
+            except OSError as exc:
+                return self._refuse(ex, f"Failed to change directory to {req.cwd}: {exc.strerror}")
+            if pid is not None:
+                ex.pid = pid
+                self.by_pid[pid] = ex
+                self._started(ex)
+            else:
+                self._fork_spawn(ex, req, fds)
+        finally:
+            if slave >= 0:
+                os.close(slave)  # the command has its own copy now
 
     def _fork_spawn(self, ex: _Exec, req: Request, fds: list[int]) -> None:
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         try:
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except BlockingIOError:  # EAGAIN: the instance is at its process limit (limits.processes)
+                if not self._reclaim():
+                    raise
+                pid = os.fork()
         except OSError as exc:
             os.close(status_r)
             os.close(status_w)
-            return self._refuse(ex, f"Failed to fork: {exc.strerror}")
+            more = " (the instance is at its process limit)" if exc.errno == errno.EAGAIN else ""
+            return self._refuse(ex, f"Failed to fork: {exc.strerror}{more}")
         if pid == 0:
             exec_child(req, fds, status_w, self.max_fd, self.isolated)
         os.close(status_w)
@@ -291,21 +334,59 @@ class Pid1:
         self.by_pid[pid] = ex
         self.sel.register(status_r, selectors.EVENT_READ, lambda fd: self._on_status(ex, fd))
 
+    def _limit_hit(self) -> bool:
+        """Whether a fork failed at the instance's process limit since we last looked (pids.events)."""
+        if self.pids_events is None:
+            return False
+        try:
+            with open(self.pids_events, "rb") as f:
+                hits = int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        hit, self.limit_hits = hits > self.limit_hits, hits
+        return hit
+
+    def _reclaim(self) -> bool:
+        """Out of processes: kill what finished commands left behind in their process groups (as the OOM
+        killer makes room for memory, so that a new exec can run after a fork bomb whose command ended),
+        and reap it. Commands still running, and what detached into a session of its own, are spared.
+        True if anything was killed."""
+        killed = False
+        for pgid in list(self.finished_groups):
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+                killed = True
+            except OSError:
+                del self.finished_groups[pgid]  # nothing left in it
+        deadline = time.monotonic() + RECLAIM_TIMEOUT
+        while killed and time.monotonic() < deadline:  # the dead free their pids once reaped
+            self._reap()
+            if not any(_group_alive(pgid) for pgid in self.finished_groups):
+                break
+            time.sleep(0.005)
+        return killed
+
     def _started(self, ex: _Exec) -> None:
-        """Reply with the command's pid here and a pidfd on it: the agent reads the host's pid off the pidfd
-        (its fdinfo, through the agent's own procfs), so we need no handle on the host's /proc."""
+        """Reply with the command's pid here, a pidfd on it (the agent reads the host's pid off it, so we
+        need no handle on the host's /proc) and the PTY master if we opened one; the fds are named."""
         try:
             pidfd = os.pidfd_open(ex.pid)
         except OSError:
             pidfd = -1
         ex.started = True
+        sent = [("pidfd", pidfd), ("pty", ex.pty_master)]
+        sent = [(name, fd) for name, fd in sent if fd >= 0]
         try:
-            self._send(ex, {"pid": ex.pid}, [pidfd] if pidfd >= 0 else None)
+            self._send(ex, {"pid": ex.pid, "fds": [name for name, _ in sent]}, [fd for _, fd in sent])
         finally:
-            if pidfd >= 0:
-                os.close(pidfd)
+            for _, fd in sent:
+                os.close(fd)
+            ex.pty_master = -1
 
     def _refuse(self, ex: _Exec, text: str) -> None:
+        if ex.pty_master >= 0:
+            os.close(ex.pty_master)
+            ex.pty_master = -1
         self._send(ex, {"error": text})
         self._close_conn(ex)
 
@@ -340,6 +421,9 @@ class Pid1:
         if not ex.started:
             return
         ex.reaped = status
+        self.finished_groups[ex.pid] = None  # its group may live on (background jobs): see _reclaim
+        while len(self.finished_groups) > MAX_FINISHED_GROUPS:
+            del self.finished_groups[next(iter(self.finished_groups))]
         self._send(ex, {"exit": status})
         self._close_conn(ex)
 
@@ -347,6 +431,14 @@ class Pid1:
 def _peer_pid(conn: socket.socket) -> int:
     pid, _uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
     return pid
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except OSError:
+        return False
 
 
 def _kill_quietly(pid: int, sig: int, group: bool) -> None:

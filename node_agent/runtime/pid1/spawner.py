@@ -9,6 +9,7 @@ import fcntl
 import json
 import os
 import signal
+import struct
 import termios
 import warnings  # noqa: F401 - os.get_exec_path (execvpe) imports it lazily; after chroot it could not
 from typing import Any, NoReturn
@@ -33,6 +34,12 @@ class Request:
         self.uid = int(req.get("uid", 0))
         self.gid = int(req.get("gid", 0))
         self.pty = bool(req.get("pty"))
+        self.width = int(req.get("width") or 0)
+        self.height = int(req.get("height") or 0)
+        if not (0 <= self.width < 65536 and 0 <= self.height < 65536):
+            raise ValueError("terminal size out of range")
+        if any("\0" in s for s in (*self.argv, *self.env, *self.env.values(), self.cwd)):
+            raise ValueError("NUL byte in the command, environment or directory")
 
 
 class PosixSpawn:
@@ -116,6 +123,23 @@ def which(name: str, env: dict[str, str]) -> str | None:
 
 
 
+def open_pty(req: Request) -> tuple[int, int]:
+    """(master, slave) from this instance's own devpts, sized, the slave owned by the command's user."""
+    master, slave = os.openpty()
+    try:
+        os.set_inheritable(master, False)
+        os.set_inheritable(slave, False)
+        if req.width and req.height:
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", req.height, req.width, 0, 0))
+        if req.uid:
+            os.fchown(slave, req.uid, req.gid)
+    except OSError:
+        os.close(master)
+        os.close(slave)
+        raise
+    return master, slave
+
+
 def exec_child(req: Request, fds: list[int], status_w: int, max_fd: int, isolated: bool) -> NoReturn:
     """The forked child, between fork and exec (fine: pid1 has a single thread). Never returns: a step
     that fails is reported as text on ``status_w``; an exec that fails exits 127 or 126."""
@@ -130,11 +154,6 @@ def exec_child(req: Request, fds: list[int], status_w: int, max_fd: int, isolate
             os.dup2(fd, target)
         if req.pty:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-            if req.uid:
-                try:
-                    os.fchown(0, req.uid, req.gid)
-                except OSError:
-                    pass
         os.closerange(3, status_w)
         os.closerange(status_w + 1, max_fd)
         if os.getuid() == 0:

@@ -1,4 +1,4 @@
-"""pid1's system interface: the libc calls Python's os module lacks (unshare, mount, prctl, raw
+"""pid1's system interface: the libc calls Python's os module lacks (prctl, raw
 rt_sigaction), signal resets, and /proc/PID/stat parsing. Stdlib only (see __init__)."""
 
 from __future__ import annotations
@@ -8,21 +8,8 @@ import os
 import signal
 from typing import Any
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUTS = 0x04000000
-CLONE_NEWIPC = 0x08000000
-CLONE_NEWPID = 0x20000000
-
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-MS_REMOUNT = 0x20
-MS_BIND = 0x1000
-MS_REC = 0x4000
-MS_PRIVATE = 0x40000
-
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -32,20 +19,6 @@ def _libc_call(name: str, *args: Any) -> None:
     if getattr(libc, name)(*args) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{name}: {os.strerror(err)}")
-
-
-def unshare(flags: int) -> None:
-    _libc_call("unshare", ctypes.c_int(flags))
-
-
-def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    def enc(s: str | None) -> bytes | None:
-        return None if s is None else s.encode()
-
-    try:
-        _libc_call("mount", enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data))
-    except OSError as exc:
-        raise OSError(exc.errno, f"mount {source} on {target}: {os.strerror(exc.errno or 0)}") from None
 
 
 def prctl(option: int, value: int) -> None:
