@@ -12,19 +12,23 @@ import signal
 import socket
 import struct
 import sys
-import time
 from typing import Any, NoReturn
 
+from node_agent.runtime.pid1.reclaim import Reclaimer
 from node_agent.runtime.pid1.spawner import PosixSpawn, Request, exec_child, open_pty, write_all
-from node_agent.runtime.pid1.syscalls import PR_SET_CHILD_SUBREAPER, PR_SET_DUMPABLE, prctl, reset_signals
+from node_agent.runtime.pid1.syscalls import (
+    PR_SET_CHILD_SUBREAPER,
+    PR_SET_DUMPABLE,
+    kill_quietly,
+    peer_pid,
+    prctl,
+    reset_signals,
+)
 
 SOCKET_NAME = "spawn.sock"
 READY = b"ready"
 MAX_REQUEST = 4 << 20  # argv + env of one exec; the kernel's own limit is about 2 MiB
 FDS_SPACE = socket.CMSG_SPACE(3 * struct.calcsize("i"))
-MAX_FINISHED_GROUPS = 4096
-PIDS_EVENTS = ("/sys/fs/cgroup/pids/pids.events", "/sys/fs/cgroup/pids.events")
-RECLAIM_TIMEOUT = 1.0
 
 
 # ------------------------------------------------------------------------------------------------- pid1
@@ -57,10 +61,7 @@ class Pid1:
         self.max_fd = os.sysconf("SC_OPEN_MAX")
         self.buffer = bytearray(MAX_REQUEST)
         self.spawner = PosixSpawn()
-        self.finished_groups: dict[int, None] = {}  # process groups of commands that exited, oldest first
-        # the instance's pids cgroup (mounted read-only by runc), v1 or v2; its "max" count of failed forks
-        self.pids_events = next((p for p in PIDS_EVENTS if isolated and os.path.exists(p)), None)
-        self.limit_hits = 0
+        self.reclaimer = Reclaimer(isolated)
 
     # ---- setup
 
@@ -152,7 +153,7 @@ class Pid1:
                 pass
         else:
             for pid in self._host_children():  # never kill(-1) outside a pid namespace
-                _kill_quietly(pid, signal.SIGTERM, group=True)
+                kill_quietly(pid, signal.SIGTERM, group=True)
 
     def _host_children(self) -> list[int]:
         me = os.getpid()  # single-threaded: the main task's children are all our children
@@ -191,7 +192,7 @@ class Pid1:
                 print(f"pid1: accept: {exc}", file=sys.stderr, flush=True)
                 return
             conn.setblocking(False)
-            if self.isolated and _peer_pid(conn) != 0:
+            if self.isolated and peer_pid(conn) != 0:
                 conn.close()  # a process inside the instance (peer pid visible in our namespace)
                 continue
             self.sel.register(conn, selectors.EVENT_READ, self._on_conn)
@@ -247,13 +248,13 @@ class Pid1:
         if ex.reaped is not None:
             return
         if msg.get("kill"):
-            _kill_quietly(ex.pid, signal.SIGKILL, group=True)
+            kill_quietly(ex.pid, signal.SIGKILL, group=True)
         elif isinstance(msg.get("signal"), int):
-            _kill_quietly(ex.pid, msg["signal"], group=False)
+            kill_quietly(ex.pid, msg["signal"], group=False)
 
     def _agent_gone(self, ex: _Exec) -> None:
         if ex.pid and ex.reaped is None:
-            _kill_quietly(ex.pid, signal.SIGKILL, group=True)  # nothing outlives its session unnoticed
+            kill_quietly(ex.pid, signal.SIGKILL, group=True)  # nothing outlives its session unnoticed
         self._close_conn(ex)
 
     def _close_conn(self, ex: _Exec) -> None:
@@ -285,8 +286,8 @@ class Pid1:
         if not self.isolated and os.getuid() != 0:
             # Unprivileged process driver: "root" (the API's default) means the agent's own user.
             req.uid, req.gid = req.uid or os.getuid(), req.gid or os.getgid()
-        if self._limit_hit() and self.finished_groups:
-            self._reclaim()  # a fork bomb may have left every process slot taken: make room first
+        if self.reclaimer.limit_hit() and self.reclaimer.groups:
+            self.reclaimer.reclaim(self._reap)  # a fork bomb may have left every process slot taken
         if not req.cwd:
             home = req.env.get("HOME", "")
             req.cwd = home if home and os.path.isdir(home) else "/"
@@ -318,7 +319,7 @@ class Pid1:
             try:
                 pid = os.fork()
             except BlockingIOError:  # EAGAIN: the instance is at its process limit (limits.processes)
-                if not self._reclaim():
+                if not self.reclaimer.reclaim(self._reap):
                     raise
                 pid = os.fork()
         except OSError as exc:
@@ -333,38 +334,6 @@ class Pid1:
         ex.pid, ex.status_r = pid, status_r
         self.by_pid[pid] = ex
         self.sel.register(status_r, selectors.EVENT_READ, lambda fd: self._on_status(ex, fd))
-
-    def _limit_hit(self) -> bool:
-        """Whether a fork failed at the instance's process limit since we last looked (pids.events)."""
-        if self.pids_events is None:
-            return False
-        try:
-            with open(self.pids_events, "rb") as f:
-                hits = int(f.read().split()[1])
-        except (OSError, ValueError, IndexError):
-            return False
-        hit, self.limit_hits = hits > self.limit_hits, hits
-        return hit
-
-    def _reclaim(self) -> bool:
-        """Out of processes: kill what finished commands left behind in their process groups (as the OOM
-        killer makes room for memory, so that a new exec can run after a fork bomb whose command ended),
-        and reap it. Commands still running, and what detached into a session of its own, are spared.
-        True if anything was killed."""
-        killed = False
-        for pgid in list(self.finished_groups):
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-                killed = True
-            except OSError:
-                del self.finished_groups[pgid]  # nothing left in it
-        deadline = time.monotonic() + RECLAIM_TIMEOUT
-        while killed and time.monotonic() < deadline:  # the dead free their pids once reaped
-            self._reap()
-            if not any(_group_alive(pgid) for pgid in self.finished_groups):
-                break
-            time.sleep(0.005)
-        return killed
 
     def _started(self, ex: _Exec) -> None:
         """Reply with the command's pid here, a pidfd on it (the agent reads the host's pid off it, so we
@@ -421,33 +390,7 @@ class Pid1:
         if not ex.started:
             return
         ex.reaped = status
-        self.finished_groups[ex.pid] = None  # its group may live on (background jobs): see _reclaim
-        while len(self.finished_groups) > MAX_FINISHED_GROUPS:
-            del self.finished_groups[next(iter(self.finished_groups))]
+        self.reclaimer.command_exited(ex.pid)  # its group may live on (background jobs): see reclaim.py
         self._send(ex, {"exit": status})
         self._close_conn(ex)
 
-
-def _peer_pid(conn: socket.socket) -> int:
-    pid, _uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    return pid
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except OSError:
-        return False
-
-
-def _kill_quietly(pid: int, sig: int, group: bool) -> None:
-    try:
-        if group:
-            os.killpg(pid, sig)
-    except OSError:
-        pass
-    try:  # the main process too: it may not have become its group's leader yet
-        os.kill(pid, sig)
-    except OSError:
-        pass

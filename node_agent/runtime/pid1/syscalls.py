@@ -1,11 +1,14 @@
 """pid1's system interface: the libc calls Python's os module lacks (prctl, raw
-rt_sigaction), signal resets, and /proc/PID/stat parsing. Stdlib only (see __init__)."""
+rt_sigaction), signal resets, /proc/PID/stat parsing, peer credentials and quiet signalling of
+processes and groups. Stdlib only (see __init__)."""
 
 from __future__ import annotations
 
 import ctypes
 import os
 import signal
+import socket
+import struct
 from typing import Any
 
 PR_SET_PDEATHSIG = 1
@@ -58,3 +61,26 @@ def reset_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
+def peer_pid(conn: socket.socket) -> int:
+    pid, _uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return pid
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def kill_quietly(pid: int, sig: int, group: bool) -> None:
+    try:
+        if group:
+            os.killpg(pid, sig)
+    except OSError:
+        pass
+    try:  # the main process too: it may not have become its group's leader yet
+        os.kill(pid, sig)
+    except OSError:
+        pass
