@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.wire import Api, run_exec
+from node_agent.runtime import cgroups
+from node_agent.service import cgroup_parent
 
 # The test suite's leak check (command line or environment mentions a path): Ray renames its workers.
 from tests.conftest import processes_mentioning
@@ -67,6 +69,21 @@ def percentile(samples: Sequence[float], p: float) -> float:
     lo = int(k)
     hi = min(lo + 1, len(data) - 1)
     return data[lo] + (data[hi] - data[lo]) * (k - lo)
+
+
+def vs_lxd(title: str, ours: dict[str, float], theirs: Sequence[float] | None, label: str, target_ratio: float,
+           anchor_ms: float, why: str, n: int, **extra: Any) -> Row:
+    """The "median vs LXD" row: against real LXD measured in the same run (``theirs``), or, when no LXD
+    answers here (``why``), against the anchor figure of DESIGN §3."""
+    if theirs:
+        t: dict[str, float] | None = summary_ms(theirs)
+        lxd_ms, note = t["p50"], f"n={n}, interleaved"
+    else:
+        t, lxd_ms = None, anchor_ms
+        label, note = "LXD anchor (DESIGN §3)", f"no LXD answering ({why}); anchor used"
+    r = ratio(ours["p50"], lxd_ms)
+    return Row(title, "median vs LXD", ours["p50"], "ms", lxd_ms, label, r, f"<= {target_ratio:g}x LXD",
+               r is not None and r <= target_ratio, note, extra={"ours": ours, "lxd": t, **extra})
 
 
 def summary_ms(samples: Sequence[float]) -> dict[str, float]:
@@ -218,6 +235,7 @@ class BrokerProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
         left = wait_gone(str(self.base), 30)
+        left += [(0, f"cgroup {g}") for g in cgroups.remove_tree(cgroup_parent(self.data_dir))]
         self.stop_s = time.perf_counter() - t0
         return left
 

@@ -30,6 +30,7 @@ def data_dir(arg: str | None) -> Path:
 def run(args: argparse.Namespace) -> int:
     directory = data_dir(getattr(args, "dir", None))
     directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o711)  # as LXD's /var/lib/lxd: others pass (instances' roots), nobody lists
     address = getattr(args, "address", None)
     name = getattr(args, "node_name", None) or os.environ.get("EXECBROKER_NODE_NAME") or socket.gethostname()
     if not NAME_RE.match(name):

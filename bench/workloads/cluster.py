@@ -25,6 +25,8 @@ from bench.harness import BIN, Row, delete_instances, ratio, summary_ms, wait_go
 from bench.wire import Api
 from bench.workloads.exec_latency import exec_true
 from bench.workloads.throughput import stdout_rate
+from node_agent.runtime import cgroups
+from node_agent.service import cgroup_parent
 
 NAME = "cluster"
 TITLE = "8 forwarded vs local (3 nodes)"
@@ -60,6 +62,7 @@ class LocalCluster:
     def __init__(self, nodes: int = 3) -> None:
         self.nodes = nodes
         self.base = Path(tempfile.mkdtemp(prefix="ebbench-cluster-", dir="/tmp"))
+        self.base.chmod(0o711)  # instances' roots (unprivileged host uids) pass through to their rootfs
         self.env = {**os.environ, "RAY_TMPDIR": str(self.base / "ray")}
 
     def socket(self, k: int) -> str:
@@ -87,6 +90,8 @@ class LocalCluster:
             problems.append(str(exc))
         left = await asyncio.to_thread(wait_gone, str(self.base), 30)
         problems += [f"left: {cmd[:120]}" for _, cmd in left]
+        problems += [f"left: cgroup {g}" for k in range(1, self.nodes + 1)
+                     for g in cgroups.remove_tree(cgroup_parent(self.base / f"node{k}"))]
         if not problems:
             shutil.rmtree(self.base, ignore_errors=True)
         return problems

@@ -11,7 +11,7 @@ import statistics
 import time
 
 from bench.context import Context
-from bench.harness import Row, ratio, summary_ms
+from bench.harness import Row, ratio, summary_ms, vs_lxd
 
 NAME = "lxc_exec"
 TITLE = "2 `lxc exec c1 -- true`"
@@ -47,14 +47,6 @@ async def run(ctx: Context) -> list[Row]:
     rows = [Row(TITLE, "median", s["p50"], "ms", f["p50"], "`lxc query /1.0` (client floor)",
                 ratio(s["p50"], f["p50"]), note=f"n={n}; over floor {s['p50'] - f['p50']:.1f} ms",
                 extra={"ours": s, "lxc_query": f})]
-    if lxd:
-        t = summary_ms(theirs)
-        lxd_ms, label, note = t["p50"], "real LXD `lxc exec c1 -- true`", f"n={n}, interleaved"
-    else:
-        t, lxd_ms = None, LXD_ANCHOR_MS
-        label, note = "LXD anchor (DESIGN §3)", f"no LXD answering ({ctx.lxd_why}); anchor used"
-    r = ratio(s["p50"], lxd_ms)
-    rows.append(Row(TITLE, "median vs LXD", s["p50"], "ms", lxd_ms, label, r,
-                    f"<= {TARGET_RATIO:g}x LXD", r is not None and r <= TARGET_RATIO, note,
-                    extra={"lxd": t, "stdev_ms": statistics.pstdev(ours) * 1e3}))
+    rows.append(vs_lxd(TITLE, s, theirs if lxd else None, "real LXD `lxc exec c1 -- true`", TARGET_RATIO,
+                       LXD_ANCHOR_MS, ctx.lxd_why, n, stdev_ms=statistics.pstdev(ours) * 1e3))
     return rows

@@ -14,7 +14,7 @@ import subprocess
 import time
 
 from bench.context import Context
-from bench.harness import Row, ratio, summary_ms
+from bench.harness import Row, summary_ms, vs_lxd
 
 NAME = "lxc_https"
 TITLE = "2b `lxc exec` over HTTPS"
@@ -84,12 +84,5 @@ async def run(ctx: Context) -> list[Row]:
         if lxd:
             _untrust(ctx, "lxd", True, bool(lxd_set))
     s = summary_ms(ours)
-    if lxd:
-        t = summary_ms(theirs)
-        lxd_ms, label, note = t["p50"], "real LXD over HTTPS", f"n={n}, interleaved"
-    else:
-        t, lxd_ms = None, LXD_ANCHOR_MS
-        label, note = "LXD anchor (DESIGN §3)", f"no LXD answering ({ctx.lxd_why}); anchor used"
-    r = ratio(s["p50"], lxd_ms)
-    return [Row(TITLE, "median vs LXD", s["p50"], "ms", lxd_ms, label, r, f"<= {TARGET_RATIO:g}x LXD",
-                r is not None and r <= TARGET_RATIO, note, extra={"ours": s, "lxd": t})]
+    return [vs_lxd(TITLE, s, theirs if lxd else None, "real LXD over HTTPS", TARGET_RATIO, LXD_ANCHOR_MS,
+                   ctx.lxd_why, n)]
