@@ -4,7 +4,8 @@
 # image from this machine's Debian mirror on first use), util-linux (nsenter, setpriv); with --test also
 # lxd-client (the real `lxc` client the tests drive), acl (tests let one test uid reach a socket with
 # setfacl, never every user) and tcpdump (the two-host test captures member-to-member traffic).
-# Creates the `execbroker` group: root and its members have full access to the unix socket.
+# Creates the `execbroker` group: root and its members have full access to the unix socket; and delegates
+# a range of host ids to execbroker in /etc/subuid and /etc/subgid (each instance's root maps into it).
 # Idempotent: installs only what is missing. Needs root.
 set -eu
 pkgs="runc busybox-static mmdebstrap util-linux"
@@ -19,6 +20,8 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 getent group execbroker >/dev/null || groupadd --system execbroker
+# the host ids instances map to: a range of /etc/subuid and /etc/subgid of execbroker's own
+python3 "$(dirname "$0")/../node_agent/runtime/idranges.py" claim >/dev/null
 [ -z "$missing" ] && exit 0
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq

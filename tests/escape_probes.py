@@ -83,6 +83,9 @@ try:  # RTM_NEWLINK for a dummy interface
         results["add a network interface"] = "ok" if code == 0 else errno.errorcode.get(code, str(code))
 except OSError as exc:
     results["add a network interface"] = errno.errorcode.get(exc.errno, str(exc.errno))
+for family, name in ((40, "open a vsock socket (to the hypervisor or host)"), (38, "open an AF_ALG socket")):
+    attempt(name, lambda family=family: socket.socket(family, socket.SOCK_STREAM if family == 40 else
+                                                      socket.SOCK_SEQPACKET).close())
 results["network interfaces"] = " ".join(sorted(os.listdir("/sys/class/net")))
 results["processes"] = " ".join(sorted((p for p in os.listdir("/proc") if p.isdigit()), key=int))
 try:

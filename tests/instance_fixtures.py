@@ -22,7 +22,7 @@ import pytest
 from node_agent.runtime import cgroups
 from node_agent.runtime.instances import InstanceManager
 from node_agent.runtime.spawn import Process, SpawnRequest
-from tests.conftest import wait_for  # noqa: F401 - re-exported to the instance tests
+from tests.conftest import processes_mentioning, wait_for  # noqa: F401 - re-exported to the instance tests
 
 CGROUP_PARENT = f"execbroker-test-{os.getpid()}"
 DATA_PREFIX = "ebt"  # data dirs are /tmp/ebtXXXX: short, so spawn.sock fits in sun_path
@@ -56,19 +56,6 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
-
-
-def processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if text.encode() in f.read() and pid_alive(int(entry)):
-                        found.append(int(entry))
-            except OSError:
-                pass
-    return found
 
 
 async def read_until_eof(fd: int) -> bytes:
@@ -166,7 +153,7 @@ async def cleanup_manager(manager: InstanceManager) -> None:
 def leak_check() -> Iterator[None]:
     """At the end of the session: no pid1 of a test instance runs, no test cgroup is left."""
     yield
-    leaked = [pid for d in _data_dirs for pid in processes_mentioning(str(d))]
+    leaked = [proc for d in _data_dirs for proc in processes_mentioning(str(d))]
     assert not leaked, f"test instance processes left running: {leaked}"
     leftovers = [p for p in cgroups.remove_tree(CGROUP_PARENT) if p.name != CGROUP_PARENT]
     assert not leftovers, f"test cgroups left behind: {leftovers}"

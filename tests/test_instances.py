@@ -146,12 +146,12 @@ async def test_inside_view(manager: InstanceManager, c1: str) -> None:
               "echo x > /dev/null && head -c 4 /dev/zero | wc -c; "
               "test -c /dev/pts/ptmx && test -L /dev/ptmx && echo pts-ok; "
               "echo data > /tmp/f && cat /tmp/f; "
-              "grep -E ' /(tmp|dev|dev/pts|proc|dev/shm) ' /proc/mounts | cut -d' ' -f2,3 | sort; "
+              "grep -E ' /(run|dev|dev/pts|proc|dev/shm) ' /proc/mounts | cut -d' ' -f2,3 | sort; "
               "ls /dev/fd/ >/dev/null && echo fd-ok")
     code, out, err = await run(manager, c1, ["sh", "-c", script])
     assert (code, err) == (0, "")
     assert out.split("\n") == ["proc-ok", "4", "pts-ok", "data", "/dev tmpfs", "/dev/pts devpts", "/dev/shm tmpfs",
-                               "/proc proc", "/tmp tmpfs", "fd-ok", ""]
+                               "/proc proc", "/run tmpfs", "fd-ok", ""]
     assert await run(manager, c1, ["sh", "-c", "echo hi > /root/f && cat /root/f"]) == (0, "hi\n", "")
 
 

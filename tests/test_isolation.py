@@ -81,6 +81,8 @@ BATTERY = [
     ("write /proc/self/exe", "ETXTBSY|EACCES|EROFS"),
     ("read /etc/shadow of the host", "EACCES"),
     ("add a network interface", "EPERM"),
+    ("open a vsock socket (to the hypervisor or host)", "EAFNOSUPPORT"),
+    ("open an AF_ALG socket", "EAFNOSUPPORT"),
 ]
 
 
@@ -191,6 +193,12 @@ def test_limits_reach_the_cgroups_and_change_live(broker: Broker, limited: str) 
         assert r.stdout.strip() == str(128 << 20).encode()
     r = broker.lxc("config", "set", limited, "limits.memory", "lots")
     assert r.returncode != 0 and b"limits.memory" in r.stderr
+
+
+def test_an_instance_without_limits_still_has_a_process_bound(broker: Broker, c1: str) -> None:
+    """No limits.processes: an eighth of the host's pids (at least 256), so one fork bomb cannot take them all."""
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    assert int(_group_file(broker, c1, "pids", "pids.max").read_text()) == max(256, pid_max // 8)
 
 
 def test_state_reports_usage_from_the_cgroups(broker: Broker, limited: str) -> None:

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import json
 import os
 import signal
 import socket
-import struct
-import termios
 from pathlib import Path
 
 import pytest

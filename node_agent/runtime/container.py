@@ -16,6 +16,7 @@ import socket
 from pathlib import Path
 
 from node_agent.runtime import oci, pid1_runtime, records
+from node_agent.runtime.idranges import Range
 from node_agent.runtime.launcher import LaunchError, Pid1Identity, identify
 from node_agent.runtime.limits import Limits
 from node_agent.runtime.pid1_runtime import Pid1Runtime
@@ -25,18 +26,15 @@ from node_agent.runtime.runc import Runc, RuncError
 READY = b"ready"
 READY_TIMEOUT = 30.0
 SOCKET_NAME = "spawn.sock"
-ID_BASE = 1_000_000  # the first instance's root is this host uid; each instance has 65536 ids of its own
-ID_LIMIT = 2**32 - oci.ID_RANGE
 
 
-def allocate_id_base(used: set[int]) -> int:
-    """The lowest free range: ranges never overlap, so root in one instance is nobody in another."""
-    base = ID_BASE
-    while base in used:
-        base += oci.ID_RANGE
-    if base > ID_LIMIT:
-        raise LaunchError("No free id range for another instance on this node")
-    return base
+def allocate_id_base(used: set[int], ids: Range) -> int:
+    """The lowest free instance range in the node's delegation: ranges never overlap, so root in one
+    instance is nobody in another (or anywhere else on the host)."""
+    for base in range(ids.start, ids.end - oci.ID_RANGE + 1, oci.ID_RANGE):
+        if base not in used:
+            return base
+    raise LaunchError(f"No free id range for another instance on this node ({ids.count // oci.ID_RANGE} in use)")
 
 
 class ContainerRuntime:
@@ -59,8 +57,10 @@ class ContainerRuntime:
         runtime = self.pid1()
         hard_files = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         spec = oci.bundle(hostname=records.split_key(key)[1], id_base=id_base,
-                          pid1_argv=runtime.command("container", str(instance_dir)), pid1_env=list(runtime.env),
-                          runtime_dir=str(runtime.host_path), binds=binds, limits=Limits.from_config(config),
+                          pid1_argv=runtime.command("container"),
+                          # names pid1 on the host (leak checks); its environment is not readable inside
+                          pid1_env=[*runtime.env, f"EXECBROKER_INSTANCE={instance_dir}"],
+                          runtime_dir=str(runtime.host_path), binds=binds, limits=instance_limits(config),
                           cgroup_path=self.cgroup_path(key),
                           no_new_privs=config.get("security.no_new_privs", "false") == "true",
                           max_files=min(hard_files, 1 << 20) if hard_files > 0 else 65536)
@@ -94,9 +94,20 @@ class ContainerRuntime:
     def update(self, key: str, config: dict[str, str]) -> None:
         """Apply the limits of ``config`` to the running container, live."""
         try:
-            self.runc.update(key, Limits.from_config(config).runc_update_args())
+            self.runc.update(key, instance_limits(config).runc_update_args())
         except RuncError as exc:
             raise LaunchError(f"Failed to apply the limits: {exc}") from None
+
+
+def instance_limits(config: dict[str, str]) -> Limits:
+    """The instance's limits, with an eighth of the host's pids (at least 256) where ``limits.processes``
+    is unset: a fork bomb in one instance cannot take the host's last process slot."""
+    try:
+        with open("/proc/sys/kernel/pid_max") as f:
+            pid_max = int(f.read())
+    except (OSError, ValueError):
+        pid_max = 32768
+    return Limits.from_config(config).with_default_processes(max(256, pid_max // 8))
 
 
 def _listen(path: Path) -> socket.socket:

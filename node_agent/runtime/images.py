@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -167,6 +168,7 @@ class ImageStore:
             staging = Path(tempfile.mkdtemp(prefix=".build-", dir=self.cache))
             try:
                 debian.build(staging / "rootfs", self.sources(), lambda stage: progress(f"mmdebstrap: {stage}"))
+                _drop_device_nodes(staging / "rootfs" / "dev")  # runc makes /dev anew; none may be copied on
                 size = _du(staging / "rootfs")
                 meta = {"fingerprint": fingerprint, "size": size, "created_at": datetime.now(timezone.utc).isoformat()}
                 (staging / "image.json").write_text(json.dumps(meta))
@@ -193,6 +195,14 @@ class ImageStore:
         (dest / "etc" / "hosts").write_text(f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n"
                                             "::1\t\tlocalhost ip6-localhost ip6-loopback\n")
         (dest / "etc" / "resolv.conf").unlink(missing_ok=True)  # the host's, and no network to use it on
+
+
+def _drop_device_nodes(dev: Path) -> None:
+    for dirpath, _dirs, files in os.walk(dev):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if stat.S_ISCHR(os.lstat(path).st_mode) or stat.S_ISBLK(os.lstat(path).st_mode):
+                os.unlink(path)
 
 
 def _du(path: Path) -> int:

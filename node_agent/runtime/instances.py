@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from core.errors import ApiError, BadRequest, Conflict, NotFound
-from node_agent.runtime import cgroups, idshift, images, launcher, records, rootfs, runc
+from node_agent.runtime import cgroups, idranges, idshift, images, launcher, records, rootfs, runc
 from node_agent.runtime.cgroups import Freezer
 from node_agent.runtime.container import ContainerRuntime, allocate_id_base
 from node_agent.runtime.images import ImageStore, Progress
@@ -83,6 +83,7 @@ class InstanceManager:
         self.containers = ContainerRuntime(self.data_dir, cgroup_parent)
         self.images = image_store or ImageStore()
         self._creating: dict[str, int] = {}  # keys being created -> the id base they hold (-1: none)
+        self._ids: idranges.Range | None = None  # the host ids delegated to execbroker (oci)
 
     @staticmethod
     def _choose_driver(driver: str) -> Driver:
@@ -105,6 +106,7 @@ class InstanceManager:
         self._root.mkdir(parents=True, exist_ok=True)
         if self.driver_name == "oci":
             self._open_path_to_rootfs()
+            self._id_range()
         self._records = {}
         for entry in sorted(self._root.iterdir()):
             if entry.is_dir() and KEY_RE.fullmatch(entry.name):
@@ -235,7 +237,7 @@ class InstanceManager:
         id_base = None
         if self.driver_name == "oci":
             try:
-                id_base = allocate_id_base(self._used_id_bases())
+                id_base = allocate_id_base(self._used_id_bases(), self._id_range())
             except launcher.LaunchError as exc:
                 raise ApiError(str(exc)) from None
         self._creating[key] = id_base if id_base is not None else -1
@@ -254,15 +256,29 @@ class InstanceManager:
             self.release(res)
         return self._register(res, staged)
 
+    def _id_range(self) -> idranges.Range:
+        if self._ids is None:
+            self._ids = idranges.claim()
+        return self._ids
+
     def _used_id_bases(self) -> set[int]:
-        return {r.id_base for r in self._records.values() if r.id_base is not None} | set(self._creating.values())
+        """Every range an instance of this node holds: recorded, being created, or (a definition that
+        cannot be read) owning its rootfs."""
+        used = {r.id_base for r in self._records.values() if r.id_base is not None} | set(self._creating.values())
+        for rec in self._records.values():
+            if rec.broken:
+                try:
+                    used.add((self._dir(rec.name) / "rootfs").stat().st_uid)
+                except OSError:
+                    pass
+        return used
 
     def _populate(self, res: Reservation) -> Path:
         """The instance's directory, staged beside its final place: its rootfs, shifted into its id range."""
         key, image, id_base = res.key, res.image, res.id_base
         staging = self._root / f".{key}.creating"
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        staging.mkdir(mode=0o700, parents=True)  # nobody else may enter it while it is filled
         try:
             self.images.populate(image, staging / "rootfs", hostname=records.split_key(key)[1])
             if id_base is not None:
@@ -322,13 +338,21 @@ class InstanceManager:
                 raise BadRequest("The instance is already running")
             if status == "Error":
                 raise BadRequest(rec.broken or "The instance is broken")
-            launch = asyncio.ensure_future(asyncio.to_thread(self._launch, rec))
+            shift = self.driver_name == "oci" and rec.id_base is None  # made before containers: migrate
+            if shift:
+                try:  # taken here, on the loop, where every other allocation happens
+                    rec.id_base = allocate_id_base(self._used_id_bases(), self._id_range())
+                except launcher.LaunchError as exc:
+                    raise ApiError(str(exc)) from None
+            launch = asyncio.ensure_future(asyncio.to_thread(self._launch, rec, shift))
             try:
                 await asyncio.shield(launch)
             except asyncio.CancelledError:
                 await asyncio.wait([launch])  # let it finish and be recorded: no instance runs unknown to us
                 raise
             except launcher.LaunchError as exc:
+                if shift:  # what is on disk says whether the shift was recorded (it is safe to run again)
+                    rec.id_base = records.load(self._dir(name), name).id_base
                 raise ApiError(str(exc)) from None
             assert rec.pid1 is not None
             adopter = launcher.parent_pid(rec.pid1.pid)
@@ -341,11 +365,11 @@ class InstanceManager:
             records.save(self._dir(rec.name), rec)
             return self._snapshot(rec)
 
-    def _launch(self, rec: Record) -> None:
+    def _launch(self, rec: Record, shift: bool) -> None:
         """Start pid1 and record it (memory and state.json). Blocking: runs in a worker thread."""
         path = self._dir(rec.name)
         if self.driver_name == "oci":
-            if rec.id_base is None:
+            if shift:
                 self._migrate(rec)
             ident = self.containers.start(rec.name, path, rec.id_base, rootfs.image_binds(rec.image),  # type: ignore[arg-type]
                                           rec.config)
@@ -362,9 +386,13 @@ class InstanceManager:
         rec.pid1, rec.driver = ident, self.driver_name
 
     def _migrate(self, rec: Record) -> None:
-        """An instance from before containers: its rootfs was host root's; shift it into a range of its own."""
-        rec.id_base = allocate_id_base(self._used_id_bases())
-        changed = idshift.shift(self._dir(rec.name) / "rootfs", rec.id_base)
+        """An instance from before containers: its rootfs was host root's; shift it into the range it was
+        given (``rec.id_base``). Running it again after a failure is safe: shifted files are left alone."""
+        assert rec.id_base is not None
+        try:
+            changed = idshift.shift(self._dir(rec.name) / "rootfs", rec.id_base)
+        except OSError as exc:
+            raise launcher.LaunchError(f"Failed to start instance: cannot shift its files: {exc}") from None
         _private_dir(self._dir(rec.name), rec.id_base)
         records.save(self._dir(rec.name), rec)
         log.warning("instance %s: migrated to an unprivileged container: root inside is host uid %d now "

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from core.errors import BadRequest
@@ -16,9 +16,12 @@ KEYS = ("limits.memory", "limits.cpu", "limits.processes")
 CPU_PERIOD = 100_000  # microseconds
 _UNITS = {"": 1, "B": 1, "kB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KiB": 2**10, "MiB": 2**20,
           "GiB": 2**30, "TiB": 2**40}
-_MEMORY = re.compile(r"^(\d+(?:\.\d+)?)\s*([A-Za-z]*)$")
-_CPUSET = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+_MEMORY = re.compile(r"^([0-9]{1,15}(?:\.[0-9]{1,9})?)\s*([A-Za-z]*)$")
+_CPUSET = re.compile(r"^[0-9]{1,4}(-[0-9]{1,4})?(,[0-9]{1,4}(-[0-9]{1,4})?){0,63}$")
 MIN_MEMORY = 4 << 20  # below this not even pid1 fits
+MAX_MEMORY = 1 << 50  # 1 PiB: beyond any host, and far from the kernel's own limit
+MAX_CPUS = 4096
+MAX_PROCESSES = 4 << 20  # the kernel's highest pid_max
 
 
 def host_memory() -> int:
@@ -38,6 +41,11 @@ class Limits:
         quota, cpuset = parse_cpu(config["limits.cpu"]) if config.get("limits.cpu") else (None, None)
         processes = parse_processes(config["limits.processes"]) if config.get("limits.processes") else None
         return cls(memory, quota, cpuset, processes)
+
+    def with_default_processes(self, count: int) -> Limits:
+        """These limits, with ``count`` processes where ``limits.processes`` is unset: one instance must not
+        take every pid of the host."""
+        return self if self.processes is not None else replace(self, processes=count)
 
     def resources(self) -> dict[str, Any]:
         """The OCI ``linux.resources`` (what is not limited is left out)."""
@@ -79,18 +87,18 @@ def parse_memory(value: str) -> int:
         if m is None or m.group(2) not in _UNITS:
             raise BadRequest(f'Invalid limits.memory "{value}": use a size such as 512MiB or 2GB, or a percentage')
         amount = int(float(m.group(1)) * _UNITS[m.group(2)])
-    if amount < MIN_MEMORY:
-        raise BadRequest(f'Invalid limits.memory "{value}": at least {MIN_MEMORY >> 20}MiB')
+    if not MIN_MEMORY <= amount <= MAX_MEMORY:
+        raise BadRequest(f'Invalid limits.memory "{value}": from {MIN_MEMORY >> 20}MiB to {MAX_MEMORY >> 50}PiB')
     return amount
 
 
 def parse_cpu(value: str) -> tuple[int | None, str | None]:
     """A count of CPUs (``2``: two CPUs' worth of time) or a set of CPUs (``0-1,3``: only those)."""
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit() and len(value) <= 5:
         count = int(value)
-        if count < 1:
-            raise BadRequest(f'Invalid limits.cpu "{value}": at least 1')
+        if not 1 <= count <= MAX_CPUS:
+            raise BadRequest(f'Invalid limits.cpu "{value}": from 1 to {MAX_CPUS}')
         return count * CPU_PERIOD, None
     if _CPUSET.match(value) and ("-" in value or "," in value):
         return None, value
@@ -98,6 +106,7 @@ def parse_cpu(value: str) -> tuple[int | None, str | None]:
 
 
 def parse_processes(value: str) -> int:
-    if not value.strip().isdigit() or int(value) < 2:
-        raise BadRequest(f'Invalid limits.processes "{value}": a whole number of at least 2')
+    value = value.strip()
+    if not (value.isascii() and value.isdigit() and len(value) <= 8 and 2 <= int(value) <= MAX_PROCESSES):
+        raise BadRequest(f'Invalid limits.processes "{value}": a whole number from 2 to {MAX_PROCESSES}')
     return int(value)

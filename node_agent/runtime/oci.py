@@ -55,6 +55,11 @@ NAMESPACE_FLAGS = {"CLONE_NEWNS": 0x00020000, "CLONE_NEWCGROUP": 0x02000000, "CL
                    "CLONE_NEWNET": 0x40000000}
 CLONE_NEWTIME = 0x00000080  # unshare only: in clone's flags these bits are the exit signal
 ENOSYS = 38
+# Socket families a network namespace does not fence in: vsock reaches the hypervisor and the host (as
+# Docker refuses it), alg is the kernel's crypto API. 32-bit socketcall hides its arguments from
+# seccomp, so it is refused too (C libraries since 2015 use the direct socket calls).
+DENIED_FAMILIES = {"AF_ALG": 38, "AF_VSOCK": 40}
+EAFNOSUPPORT = 97
 ARCHITECTURES = {
     "x86_64": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
     "aarch64": ["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"],
@@ -83,8 +88,9 @@ def bundle(*, hostname: str, id_base: int, pid1_argv: list[str], pid1_env: list[
         # and pid1 watches pids.events)
         {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
          "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
-        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777"]},
-        {"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=755"]},
+        # /tmp stays on the rootfs (disk, as in LXD); /run is a small tmpfs, charged to the instance's memory
+        {"destination": "/run", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "nodev", "mode=755", "size=65536k"]},
         {"destination": RUNTIME_MOUNT, "type": "bind", "source": runtime_dir,
          "options": ["rbind", "ro", "nosuid", "nodev"]},
     ]
@@ -127,11 +133,15 @@ def bundle(*, hostname: str, id_base: int, pid1_argv: list[str], pid1_env: list[
 
 
 def seccomp_rules() -> list[dict[str, Any]]:
-    """EPERM for the denied calls and for any new namespace; ENOSYS for clone3."""
+    """EPERM for the denied calls and for any new namespace; ENOSYS for clone3; EAFNOSUPPORT for the
+    denied socket families."""
     rules: list[dict[str, Any]] = [{"names": DENIED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
     for name, flags in (("unshare", [*NAMESPACE_FLAGS.values(), CLONE_NEWTIME]), ("clone", NAMESPACE_FLAGS.values())):
         rules += [{"names": [name], "action": "SCMP_ACT_ERRNO", "errnoRet": 1,
                    "args": [{"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}]}
                   for flag in flags]
     rules.append({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS})
+    rules += [{"names": ["socket"], "action": "SCMP_ACT_ERRNO", "errnoRet": EAFNOSUPPORT,
+               "args": [{"index": 0, "value": family, "op": "SCMP_CMP_EQ"}]} for family in DENIED_FAMILIES.values()]
+    rules.append({"names": ["socketcall"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1})
     return rules

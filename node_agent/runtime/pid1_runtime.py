@@ -10,6 +10,7 @@ pid1's sources: a new build never changes a tree that running containers use).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -62,10 +63,12 @@ def build(data_dir: Path, python: str = sys.executable) -> Pid1Runtime:
     interpreter = Path(python).resolve()
     stdlib = [Path(f) for f in listed["files"] if Path(f).exists()]
     pid1_sources = sorted(PID1_PACKAGE.glob("*.py"))
-    digest = _digest([interpreter, *pid1_sources], listed["version"])
+    libs = _shared_libraries([interpreter, *(f for f in stdlib if f.suffix == ".so")])
+    # everything copied counts: an upgraded libc or interpreter makes a new tree, never a changed one
+    digest = _digest([interpreter, *pid1_sources, *stdlib, *sorted(libs.values())], listed["version"])
     root = data_dir / "pid1-runtime" / digest
     if not (root / ".complete").exists():
-        _populate(root, interpreter, prefix, stdlib, pid1_sources)
+        _populate(root, interpreter, prefix, stdlib, pid1_sources, libs)
     return _describe(root)
 
 
@@ -77,16 +80,17 @@ def _digest(files: list[Path], version: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _populate(root: Path, interpreter: Path, prefix: Path, stdlib: list[Path], pid1_sources: list[Path]) -> None:
+def _populate(root: Path, interpreter: Path, prefix: Path, stdlib: list[Path], pid1_sources: list[Path],
+              libs: dict[str, Path]) -> None:
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=root.parent))
     try:
         (staging / "bin").mkdir()
         shutil.copy2(interpreter, staging / "bin" / "python")
-        libs = staging / "lib"
-        libs.mkdir()
-        for name, lib in _shared_libraries([interpreter, *(f for f in stdlib if f.suffix == ".so")]).items():
-            shutil.copy2(lib, libs / name)  # under the name the loader looks for (the soname)
+        lib_dir = staging / "lib"
+        lib_dir.mkdir()
+        for name, lib in libs.items():
+            shutil.copy2(lib, lib_dir / name)  # under the name the loader looks for (the soname)
         for path in stdlib:  # same layout below the prefix: PYTHONHOME finds them
             dest = staging / "python" / path.relative_to(prefix)
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -105,8 +109,10 @@ def _populate(root: Path, interpreter: Path, prefix: Path, stdlib: list[Path], p
         os.chmod(staging, 0o755)
         (staging / ".complete").touch()
         os.rename(staging, root)
-    except FileExistsError:  # built meanwhile by another agent of this node
+    except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not (root / ".complete").exists():
+            raise  # anything but "built meanwhile by another agent of this node"
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

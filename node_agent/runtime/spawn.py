@@ -35,6 +35,7 @@ SUN_PATH_MAX = 107
 REQUEST_BUFFER = 4 << 20  # pid1 reads requests up to this size
 REPLY_TIMEOUT = 10.0
 FD_SIZE = array.array("i").itemsize
+MAX_ERROR = 2000  # characters of pid1's refusal passed on
 
 
 class Pid1Unavailable(BadRequest):
@@ -161,7 +162,6 @@ async def spawn(socket_path: Path, req: SpawnRequest, fds: tuple[int, ...]) -> P
         raise SpawnError("Missing command")
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
-    received: dict[str, int] = {}
     try:
         await _connect(loop, sock, socket_path)
         payload = req.encode()
@@ -174,34 +174,48 @@ async def spawn(socket_path: Path, req: SpawnRequest, fds: tuple[int, ...]) -> P
             reply, got = await asyncio.wait_for(_recv(loop, sock), REPLY_TIMEOUT)
         except asyncio.TimeoutError:
             raise SpawnError(f"The instance did not answer the spawn request within {REPLY_TIMEOUT:.0f} s") from None
+        pid, pidfd, master = take_reply(reply, got, req.pty)
         try:
-            if not reply:
-                raise Pid1Unavailable()
-            msg = json.loads(reply)
-            if "error" in msg:
-                raise SpawnError(str(msg["error"]))
-            names = msg.get("fds", ["pidfd"] if got else [])  # an older pid1 sends a pidfd only
-            received = dict(zip(names, got))
-            for fd in got[len(names):]:
-                os.close(fd)
-            host_pid = _pidfd_host_pid(received["pidfd"]) if "pidfd" in received else None
-            pid = int(msg["pid"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise SpawnError(f"Malformed answer from the instance's pid1: {exc}") from None
+            host_pid = _pidfd_host_pid(pidfd) if pidfd is not None else None
         finally:
-            if "pidfd" in received:
-                os.close(received.pop("pidfd"))
-        master = received.pop("pty", None)
-        if req.pty and master is None:
-            raise SpawnError("The instance's pid1 sent no terminal")
+            if pidfd is not None:
+                os.close(pidfd)
         if master is not None:
             os.set_blocking(master, False)
     except BaseException:
-        for fd in received.values():
-            os.close(fd)
         sock.close()
         raise
     return Process(pid, host_pid, sock, master)
+
+
+def take_reply(reply: bytes, got: list[int], want_pty: bool) -> tuple[int, int | None, int | None]:
+    """pid1's answer to a spawn: (pid inside, pidfd, PTY master). pid1 runs as the instance's root, so its
+    answer is checked like any input: every fd that came with it is returned or closed, whatever it says."""
+    try:
+        if not reply:
+            raise Pid1Unavailable()
+        try:
+            msg = json.loads(reply)
+        except ValueError:
+            raise SpawnError("Malformed answer from the instance's pid1") from None
+        if not isinstance(msg, dict):
+            raise SpawnError("Malformed answer from the instance's pid1")
+        if "error" in msg:
+            raise SpawnError(str(msg["error"])[:MAX_ERROR])
+        names, pid = msg.get("fds", []), msg.get("pid")
+        allowed = {"pidfd", "pty"} if want_pty else {"pidfd"}
+        if (not isinstance(names, list) or len(names) != len(got) or len(set(map(str, names))) != len(names)
+                or not set(map(str, names)) <= allowed or not isinstance(pid, int) or isinstance(pid, bool)
+                or pid <= 0):
+            raise SpawnError("Malformed answer from the instance's pid1")
+        kept = dict(zip(names, got))
+        if want_pty and "pty" not in kept:
+            raise SpawnError("The instance's pid1 sent no terminal")
+        return pid, kept.get("pidfd"), kept.get("pty")
+    except BaseException:
+        for fd in got:
+            os.close(fd)
+        raise
 
 
 async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, path: Path) -> None:

@@ -1,5 +1,4 @@
-"""Entry point: ``python -I -S <this directory> launch CONFIG.json | container [LABEL]`` (the label, the
-instance's directory on the host, only names the process for whoever lists the host's processes)."""
+"""Entry point: ``python -I -S <this directory> launch CONFIG.json | container``."""
 
 from __future__ import annotations
 
@@ -15,9 +14,9 @@ from node_agent.runtime.pid1.launch import container, launch
 def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[1] == "launch":
         return launch(argv[2])
-    if len(argv) in (2, 3) and argv[1] == "container":
+    if len(argv) == 2 and argv[1] == "container":
         return container()
-    print("usage: pid1 launch CONFIG.json | container [LABEL]", file=sys.stderr)
+    print("usage: pid1 launch CONFIG.json | container", file=sys.stderr)
     return 2
 
 

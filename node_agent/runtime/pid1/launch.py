@@ -26,8 +26,12 @@ LISTEN_FD, READY_FD = 3, 4
 def container() -> int:
     """pid1 as the container's process (never returns while it serves)."""
     try:
-        for fd in (LISTEN_FD, READY_FD):  # runc hands them over inheritable: commands must not get them
-            os.set_inheritable(fd, False)
+        for name in os.listdir("/proc/self/fd"):  # fds 3 and 4 and anything else runc left open:
+            if int(name) > 2:                       # no command may inherit them
+                try:
+                    os.set_inheritable(int(name), False)
+                except OSError:
+                    pass  # the directory fd listdir used, closed by now
         listener = socket.socket(fileno=LISTEN_FD)
     except OSError as exc:
         write_all(READY_FD, f"no listening socket on fd {LISTEN_FD}: {exc}".encode())

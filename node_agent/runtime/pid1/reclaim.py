@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from node_agent.runtime.pid1.syscalls import group_alive
 
@@ -21,9 +21,14 @@ TIMEOUT = 1.0
 
 class Reclaimer:
     def __init__(self, isolated: bool) -> None:
+        self.isolated = isolated  # PID 1 of the instance's own pid namespace: group ids are its own
         self.groups: dict[int, None] = {}  # process groups of commands that exited, oldest first
         self.events = next((p for p in PIDS_EVENTS if isolated and os.path.exists(p)), None)
         self.hits = 0  # the "max" count of pids.events when we last looked
+
+    def command_started(self, pid: int) -> None:
+        """A new command leads a group of its own: a number reused from an exited group names it now."""
+        self.groups.pop(pid, None)
 
     def command_exited(self, pgid: int) -> None:
         self.groups[pgid] = None
@@ -42,11 +47,16 @@ class Reclaimer:
         hit, self.hits = hits > self.hits, hits
         return hit
 
-    def reclaim(self, reap: Callable[[], None]) -> bool:
-        """Kill what the exited commands' groups still hold; ``reap`` (pid1's) frees their pids. True if
-        anything was killed."""
+    def reclaim(self, reap: Callable[[], None], running: Collection[int]) -> bool:
+        """Kill what the exited commands' groups still hold (never the group of a command in ``running``);
+        ``reap`` (pid1's) frees their pids. True if anything was killed."""
         killed = False
+        if not self.isolated:  # the process driver: group numbers are the host's, never ours to kill
+            return False
         for pgid in list(self.groups):
+            if pgid in running:
+                del self.groups[pgid]
+                continue
             try:
                 os.killpg(pgid, signal.SIGKILL)
                 killed = True

@@ -287,7 +287,7 @@ class Pid1:
             # Unprivileged process driver: "root" (the API's default) means the agent's own user.
             req.uid, req.gid = req.uid or os.getuid(), req.gid or os.getgid()
         if self.reclaimer.limit_hit() and self.reclaimer.groups:
-            self.reclaimer.reclaim(self._reap)  # a fork bomb may have left every process slot taken
+            self.reclaimer.reclaim(self._reap, self.by_pid)  # a fork bomb may have left every process slot taken
         if not req.cwd:
             home = req.env.get("HOME", "")
             req.cwd = home if home and os.path.isdir(home) else "/"
@@ -306,6 +306,7 @@ class Pid1:
             if pid is not None:
                 ex.pid = pid
                 self.by_pid[pid] = ex
+                self.reclaimer.command_started(pid)
                 self._started(ex)
             else:
                 self._fork_spawn(ex, req, fds)
@@ -319,7 +320,7 @@ class Pid1:
             try:
                 pid = os.fork()
             except BlockingIOError:  # EAGAIN: the instance is at its process limit (limits.processes)
-                if not self.reclaimer.reclaim(self._reap):
+                if not self.reclaimer.reclaim(self._reap, self.by_pid):
                     raise
                 pid = os.fork()
         except OSError as exc:
@@ -333,6 +334,7 @@ class Pid1:
         os.set_blocking(status_r, False)
         ex.pid, ex.status_r = pid, status_r
         self.by_pid[pid] = ex
+        self.reclaimer.command_started(pid)
         self.sel.register(status_r, selectors.EVENT_READ, lambda fd: self._on_status(ex, fd))
 
     def _started(self, ex: _Exec) -> None:
