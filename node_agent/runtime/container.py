@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import resource
-import selectors
 import socket
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from node_agent.runtime import oci, pid1_runtime, records
 from node_agent.runtime.idranges import Range
 from node_agent.runtime.launcher import LaunchError, Pid1Identity, identify
 from node_agent.runtime.limits import Limits
+from node_agent.runtime.pid1.launch import read_until_eof
 from node_agent.runtime.pid1_runtime import Pid1Runtime
 from node_agent.runtime.rootfs import Bind
 from node_agent.runtime.runc import Runc, RuncError
@@ -76,7 +76,7 @@ class ContainerRuntime:
             finally:
                 listener.close()  # pid1 has it now
                 os.close(ready_w)
-            report = _read_until_eof(ready_r, READY_TIMEOUT)
+            report = read_until_eof(ready_r, READY_TIMEOUT)
         finally:
             os.close(ready_r)
         if report != READY:
@@ -126,17 +126,3 @@ def _listen(path: Path) -> socket.socket:
         os.close(dir_fd)
     return sock
 
-
-def _read_until_eof(fd: int, timeout: float) -> bytes:
-    sel = selectors.DefaultSelector()
-    sel.register(fd, selectors.EVENT_READ)
-    chunks = []
-    try:
-        while sel.select(timeout):
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
-    finally:
-        sel.close()
-    return b"timed out waiting for pid1"

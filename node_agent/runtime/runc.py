@@ -1,5 +1,5 @@
 """runc, the OCI runtime instances run under (Debian's runc 1.1): start a bundle detached with pid1's
-two file descriptors, and the container's later life (state, kill, delete, update, pause, resume).
+two file descriptors, and the container's later life (delete, update).
 Blocking calls: the instance manager runs them in a worker thread. One runc state root per data dir,
 so container ids only need to be unique per node: they are instance keys."""
 
@@ -9,10 +9,8 @@ import fcntl
 import json
 import os
 import shutil
-import signal
 import subprocess
 from pathlib import Path
-from typing import Any
 
 from node_agent.runtime.oci import PID1_LISTEN_FD, PID1_READY_FD
 
@@ -50,7 +48,7 @@ class Runc:
         pid_file.unlink(missing_ok=True)
         runc_log = bundle / "runc.log"  # runc's own messages; the container's stdout and stderr go to ``log``
         runc_log.unlink(missing_ok=True)
-        argv = [self.path, "--root", str(self.state_root), "--log", str(runc_log), "--log-format", "json", "run",
+        argv = [*self._cmd("--log", str(runc_log), "--log-format", "json"), "run",
                 "--detach", "--bundle", str(bundle), "--pid-file", str(pid_file),
                 f"--preserve-fds={PID1_READY_FD - PID1_LISTEN_FD + 1}", container_id]
         # fds 3 and 4 exactly, without a preexec function in this threaded process: copies numbered
@@ -74,27 +72,12 @@ class Runc:
             raise RuncError(_logged_error(runc_log) or f"runc run exited {done.returncode}")
         return int(pid_file.read_text().strip())
 
-    def state(self, container_id: str) -> dict[str, Any] | None:
-        done = self._run("state", container_id, check=False)
-        if done.returncode != 0:
-            return None
-        state: dict[str, Any] = json.loads(done.stdout)
-        return state
-
-    def kill(self, container_id: str, sig: int = signal.SIGKILL) -> None:
-        self._run("kill", container_id, str(int(sig)), check=False)
-
     def delete(self, container_id: str, force: bool = False) -> None:
         self._run("delete", *(["--force"] if force else []), container_id, check=False)
 
     def update(self, container_id: str, args: list[str]) -> None:
         self._run("update", *args, container_id)
 
-    def pause(self, container_id: str) -> None:
-        self._run("pause", container_id)
-
-    def resume(self, container_id: str) -> None:
-        self._run("resume", container_id)
 
 
 def _logged_error(path: Path) -> str:

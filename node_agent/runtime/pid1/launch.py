@@ -86,12 +86,17 @@ def launch(config_path: str) -> int:
 
 
 def read_until_eof(fd: int, timeout: float) -> bytes:
+    """What a readiness pipe carries until its writer closes it (b"ready", or why not); a note if that
+    takes longer than ``timeout`` seconds between reads."""
     sel = selectors.DefaultSelector()
     sel.register(fd, selectors.EVENT_READ)
     chunks = []
-    while sel.select(timeout):
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
+    try:
+        while sel.select(timeout):
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        sel.close()
     return b"timed out waiting for pid1"
