@@ -43,20 +43,10 @@ class Cluster:
         return r.stdout
 
     def launch(self, name: str, target: str, via: int = 1) -> None:
-        op = self.node(via).api("POST", f"/1.0/instances?target={target}",
-                                {"name": name, "source": {"type": "image", "alias": "busybox"}, "start": True},
-                                status=202)
-        done = self.node(via).wait_op(op["operation"], 60)
-        assert done["status"] == "Success", done
+        self.node(via).launch(name, target=target)
 
     def remove(self, name: str, via: int = 1) -> None:
-        ep = self.node(via)
-        op = ep.api("PUT", f"/1.0/instances/{name}/state", {"action": "stop", "force": True})
-        if op.get("operation"):
-            ep.wait_op(op["operation"], 60)
-        op = ep.api("DELETE", f"/1.0/instances/{name}")
-        if op.get("operation"):
-            ep.wait_op(op["operation"], 60)
+        self.node(via).remove(name)
 
 
 def _members_online(ep: Endpoint, n: int) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grp
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -60,6 +61,24 @@ def processes_mentioning(text: str) -> list[tuple[int, str]]:
         if (needle in cmd or needle in environ) and state != "Z":
             found.append((int(entry), cmd.replace(b"\0", b" ").decode(errors="replace")))
     return found
+
+
+def read_pty(master: int, needle: bytes | None, timeout: float) -> bytes:
+    """What a PTY master gives until ``needle`` shows (None: until EOF, the slave side all closed), or
+    ``timeout`` seconds pass."""
+    out = b""
+    deadline = time.monotonic() + timeout
+    while (needle is None or needle not in out) and time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], min(0.5, max(0.0, deadline - time.monotonic())))
+        if ready:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: no slave left
+                break
+            if not chunk:
+                break
+            out += chunk
+    return out
 
 
 def kill_all(procs: list[tuple[int, str]]) -> None:
@@ -131,6 +150,23 @@ class Endpoint:
     def wait_op(self, op_url: str, timeout: int = 30) -> dict[str, Any]:
         return self.api("GET", f"{op_url}/wait?timeout={timeout}")["metadata"]
 
+    def launch(self, name: str, project: str = "default", target: str | None = None) -> None:
+        """A running busybox instance, through the API (on member ``target`` if given)."""
+        where = f"?project={project}" + (f"&target={target}" if target else "")
+        op = self.api("POST", f"/1.0/instances{where}",
+                      {"name": name, "source": {"type": "image", "alias": "busybox"}, "start": True}, status=202)
+        done = self.wait_op(op["operation"], 60)
+        assert done["status"] == "Success", done
+
+    def remove(self, name: str, project: str = "default") -> None:
+        """Stop (forced) and delete an instance, through the API."""
+        op = self.api("PUT", f"/1.0/instances/{name}/state?project={project}", {"action": "stop", "force": True})
+        if op.get("operation"):
+            self.wait_op(op["operation"], 60)
+        op = self.api("DELETE", f"/1.0/instances/{name}?project={project}")
+        if op.get("operation"):
+            self.wait_op(op["operation"], 60)
+
 
 @dataclass
 class Broker(Endpoint):
@@ -177,15 +213,8 @@ def restart_broker(broker: Broker) -> None:
 
 def _stop_broker(broker: Broker) -> None:
     try:
-        with broker.http() as c:
-            names = [i["name"] for i in c.get("/1.0/instances?recursion=1").json()["metadata"]]
-            for name in names:
-                op = c.put(f"/1.0/instances/{name}/state", json={"action": "stop", "force": True}).json()
-                if op.get("operation"):
-                    c.get(f"{op['operation']}/wait?timeout=30")
-                op = c.delete(f"/1.0/instances/{name}").json()
-                if op.get("operation"):
-                    c.get(f"{op['operation']}/wait?timeout=30")
+        for inst in broker.api("GET", "/1.0/instances?recursion=1")["metadata"]:
+            broker.remove(inst["name"])
     finally:
         _terminate(broker)
 

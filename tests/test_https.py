@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import pty
-import select
 import shutil
 import signal
 import ssl
@@ -28,7 +27,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 
 from core import certs
-from tests.conftest import ADMIN_GID, Broker, wait_for
+from tests.conftest import ADMIN_GID, Broker, read_pty, wait_for
 from tests.remotes import CLIENT_UID, Remote, enable_https, issue_token
 
 pytestmark = [pytest.mark.broker,
@@ -123,35 +122,19 @@ def _pty_session(argv: list[str], env: dict[str, str], size: tuple[int, int]) ->
     return proc, master
 
 
-def _read_until(master: int, needle: bytes, timeout: float) -> bytes:
-    out = b""
-    deadline = time.monotonic() + timeout
-    while needle not in out and time.monotonic() < deadline:
-        ready, _, _ = select.select([master], [], [], 0.5)
-        if ready:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
-    return out
-
-
 def test_interactive_with_resize(remote: Remote, c1: str) -> None:
     # each line typed prints the size: the resize travels apart from the keystrokes, so type until it shows
     proc, master = _pty_session(["lxc", "exec", "-t", f"eb:{c1}", "--", "sh", "-c",
                                  "stty size; while read line; do stty size; done; exit 5"], remote.env, (37, 101))
     try:
-        assert b"37 101" in _read_until(master, b"37 101", 30)
+        assert b"37 101" in read_pty(master, b"37 101", 30)
         fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 120, 0, 0))
         os.kill(proc.pid, signal.SIGWINCH)
         deadline = time.monotonic() + 15
         out = b""
         while b"50 120" not in out and time.monotonic() < deadline and proc.poll() is None:
             os.write(master, b"\n")
-            out += _read_until(master, b"50 120", 0.5)
+            out += read_pty(master, b"50 120", 0.5)
         assert b"50 120" in out
         os.write(master, b"\x04")  # end of input: the loop ends
         assert proc.wait(30) == 5

@@ -10,12 +10,11 @@ import shutil
 import struct
 import subprocess
 import termios
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import Broker
+from tests.conftest import Broker, read_pty
 
 pytestmark = [pytest.mark.broker,
               pytest.mark.skipif(shutil.which("lxc") is None, reason="lxd-client not installed (make test installs it)")]
@@ -77,17 +76,8 @@ def test_force_interactive_under_pty(broker: Broker, c1: str) -> None:
     proc = subprocess.Popen(["lxc", "exec", "-t", c1, "--", "sh", "-c", "tty; stty size; exit 5"],
                             stdin=slave, stdout=slave, stderr=slave, env=broker.env, start_new_session=True)
     os.close(slave)
-    out = b""
-    deadline = time.monotonic() + 30
     try:
-        while time.monotonic() < deadline:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
+        out = read_pty(master, None, 30)
         assert proc.wait(30) == 5
     finally:
         proc.kill()

@@ -20,29 +20,14 @@ pytestmark = [pytest.mark.broker,
 PROJECT = "p1"
 
 
-def _launch(broker: Broker, name: str, project: str) -> None:
-    op = broker.api("POST", f"/1.0/instances?project={project}",
-                    {"name": name, "source": {"type": "image", "alias": "busybox"}, "start": True}, status=202)
-    assert broker.wait_op(op["operation"], 60)["status"] == "Success"
-
-
-def _remove(broker: Broker, name: str, project: str) -> None:
-    op = broker.api("PUT", f"/1.0/instances/{name}/state?project={project}", {"action": "stop", "force": True})
-    if op.get("operation"):
-        broker.wait_op(op["operation"], 60)
-    op = broker.api("DELETE", f"/1.0/instances/{name}?project={project}")
-    if op.get("operation"):
-        broker.wait_op(op["operation"], 60)
-
-
 @pytest.fixture(scope="module")
 def project(broker: Broker) -> Iterator[str]:
     """Project p1 holding its own ``c1`` (the default project has one too)."""
     r = broker.lxc("project", "create", PROJECT)
     assert r.returncode == 0, r.stderr
-    _launch(broker, "c1", PROJECT)
+    broker.launch("c1", PROJECT)
     yield PROJECT
-    _remove(broker, "c1", PROJECT)
+    broker.remove("c1", PROJECT)
     assert broker.lxc("project", "delete", PROJECT).returncode == 0
 
 
@@ -162,11 +147,11 @@ def test_restricted_certificate_changes_nothing_global(confined: Remote) -> None
 def test_restricted_certificate_cannot_find_other_projects_objects(confined: Remote, broker: Broker,
                                                                    project: str) -> None:
     """An instance of the default project, asked for under p1, does not exist (404), as in Incus."""
-    _launch(broker, "d1", "default")
+    broker.launch("d1")
     try:
         r = confined.lxc("query", f"eb:/1.0/instances/d1?project={project}")
         assert r.returncode != 0 and b"Instance not found" in r.stderr, r.stderr
         r = confined.lxc("--project", project, "exec", "eb:d1", "--", "true")
         assert r.returncode != 0 and b"Instance not found" in r.stderr, r.stderr
     finally:
-        _remove(broker, "d1", "default")
+        broker.remove("d1")

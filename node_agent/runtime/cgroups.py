@@ -18,20 +18,11 @@ from typing import Literal
 Version = Literal["v1", "v2"]
 
 
-@functools.cache
 def detect() -> tuple[Version, Path] | None:
     """The hierarchy that can freeze: v1 ``freezer`` if mounted, else a cgroup2 mount, else None."""
-    v2: Path | None = None
-    try:
-        with open("/proc/self/mounts") as f:
-            mounts = [line.split() for line in f]
-    except OSError:
-        return None
-    for _dev, mountpoint, fstype, options, *_ in mounts:
-        if fstype == "cgroup" and "freezer" in options.split(","):
-            return "v1", Path(mountpoint)
-        if fstype == "cgroup2" and v2 is None:
-            v2 = Path(mountpoint)
+    v1, v2 = _mounts()
+    if "freezer" in v1:
+        return "v1", v1["freezer"]
     if v2 is not None and (v2 / "cgroup.controllers").exists():
         return "v2", v2
     return None
