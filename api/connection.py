@@ -50,6 +50,7 @@ class Limits:
 
     max_connections: int = 10_000
     request_timeout: float = REQUEST_TIMEOUT
+    max_header_bytes: int = 64 << 10  # request line and headers of one request
 
 
 def _unix_credentials(sock: socket.socket) -> tuple[int, frozenset[int]]:
@@ -84,13 +85,16 @@ def peer_of(transport: asyncio.Transport, listener: Listener) -> Peer:
 
 class EdgeHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol (the C parser: h11 was ~8% of an exec's CPU) with a Peer in its
-    state, a connection cap and a request-header deadline."""
+    state, a connection cap, and a deadline and a size bound for each request's line and headers."""
 
     def __init__(self, *, listener: Listener, limits: Limits, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.listener = listener
         self.limits = limits
         self._deadline: asyncio.TimerHandle | None = None
+        self._in_headers = True  # no request yet, or one whose headers are not complete
+        self._header_bytes = 0  # received of them so far
+        self._tail = b""  # the last bytes of that, where a header end may begin
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.app_state = {**self.app_state, "peer": peer_of(transport, self.listener)}
@@ -103,13 +107,38 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             return
         self._arm()
 
+    def data_received(self, data: bytes) -> None:
+        if self._in_headers:  # a request's line and headers (or the wait for them): bounded before parsing
+            window = self._tail + data
+            end = window.find(b"\r\n\r\n")
+            size = self._header_bytes + (end + 4 - len(self._tail) if end >= 0 else len(data))
+            if size > self.limits.max_header_bytes:
+                return self._refuse_headers()
+            self._header_bytes += len(data)
+            self._tail = window[-3:]
+        super().data_received(data)
+
+    def _refuse_headers(self) -> None:
+        self._disarm()
+        self._in_headers = False
+        body = envelope.error(431, f"Request header fields too large (limit {self.limits.max_header_bytes} bytes)").body
+        if self.transport is not None:
+            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+                                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            self.transport.close()
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._arm()
 
     def on_headers_complete(self) -> None:
         self._disarm()
+        self._in_headers = False
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_headers, self._header_bytes, self._tail = True, 0, b""  # the next request's
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()

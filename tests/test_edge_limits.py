@@ -64,6 +64,45 @@ def test_body_over_the_limit_by_content_length(broker: Broker, c1: str) -> None:
     _ok(broker)
 
 
+@pytest.mark.parametrize("part", ["url", "header"])
+def test_request_headers_over_the_limit(broker: Broker, part: str) -> None:
+    """A request line or headers past 64 KiB: 431, the connection closed, nothing more read of it."""
+    big = b"x" * (100 << 10)
+    request = (b"GET /1.0/images/" + big + b" HTTP/1.1\r\nHost: eb\r\n\r\n" if part == "url"
+               else b"GET /1.0 HTTP/1.1\r\nHost: eb\r\nX-Big: " + big + b"\r\n\r\n")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(broker.socket))
+        try:
+            s.sendall(request)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused while we were still sending: the answer is already waiting
+        head, body = _response(s)
+    assert head.startswith(b"HTTP/1.1 431"), head
+    assert json.loads(body)["error"] == "Request header fields too large (limit 65536 bytes)"
+    _ok(broker)
+
+
+def test_a_keep_alive_connections_next_request_is_bounded_too(broker: Broker) -> None:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(broker.socket))
+        s.sendall(b"GET /1.0 HTTP/1.1\r\nHost: eb\r\n\r\n")
+        head, _ = _response(s)
+        assert head.startswith(b"HTTP/1.1 200")
+        try:
+            s.sendall(b"GET /1.0 HTTP/1.1\r\nHost: eb\r\nX-Big: " + b"x" * (100 << 10) + b"\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        head, body = _response(s)
+    assert head.startswith(b"HTTP/1.1 431"), head
+    _ok(broker)
+
+
+def test_headers_just_under_the_limit_are_served(broker: Broker) -> None:
+    with broker.http() as c:
+        r = c.get("/1.0", headers={"X-Fill": "y" * (60 << 10)})
+    assert r.status_code == 200
+
+
 def test_chunked_body_over_the_limit(broker: Broker, c1: str) -> None:
     def chunks() -> Iterator[bytes]:
         for _ in range(3):
