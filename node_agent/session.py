@@ -179,12 +179,17 @@ class ExecSession:
         if CONTROL in self._sockets:
             self._spawn_task(self._control_loop(self._sockets[CONTROL]))
         try:
-            code = await proc.wait()
-        finally:
-            self._mark_exited()
-        await asyncio.gather(*outputs)
-        close_quietly(stdout_r, stderr_r)
-        return code
+            try:
+                code = await proc.wait()
+            finally:
+                self._mark_exited()
+            await asyncio.gather(*outputs)
+            return code
+        finally:  # cancelled mid-command too: the readers stop before their fds close
+            for task in outputs:
+                task.cancel()
+            await asyncio.gather(*outputs, return_exceptions=True)
+            close_quietly(stdout_r, stderr_r)
 
     async def _relay_interactive(self, master: int) -> int:
         proc = self._process

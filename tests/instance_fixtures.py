@@ -106,12 +106,18 @@ class Pipes:
         for fd in self.child_fds:
             os.close(fd)
 
+    def close_stdin(self) -> None:
+        """EOF on the command's stdin. Each fd is closed exactly once: a second close could hit a number
+        that another coroutine has since been given."""
+        if self.stdin_w >= 0:
+            os.close(self.stdin_w)
+            self.stdin_w = -1
+
     def close(self) -> None:
-        for fd in (self.stdin_w, self.stdout_r, self.stderr_r):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self.close_stdin()
+        for fd in (self.stdout_r, self.stderr_r):
+            os.close(fd)
+        self.stdout_r = self.stderr_r = -1
 
 
 async def spawn_piped(manager: InstanceManager, name: str, argv: list[str], **kw: Any) -> tuple[Process, Pipes]:
@@ -133,7 +139,7 @@ async def run(manager: InstanceManager, name: str, argv: list[str], stdin: bytes
     proc, pipes = await spawn_piped(manager, name, argv, **kw)
     try:
         os.write(pipes.stdin_w, stdin)
-        os.close(pipes.stdin_w)
+        pipes.close_stdin()
         code, out, err = await asyncio.wait_for(asyncio.gather(
             proc.wait(), read_until_eof(pipes.stdout_r), read_until_eof(pipes.stderr_r)), timeout)
         return code, out.decode(), err.decode()
