@@ -17,7 +17,18 @@ from starlette.responses import Response
 from api import envelope
 from api.auth import Authenticate
 from api.limits import MAX_BODY, BodyLimit
-from api.routes import certificates, events, exec, images, instances, internal, operations, server
+from api.routes import (
+    certificates,
+    events,
+    exec,
+    files,
+    images,
+    instances,
+    internal,
+    metrics,
+    operations,
+    server,
+)
 from broker.frontend import Frontend
 from core.errors import ApiError
 from core.trust import Certificate
@@ -26,7 +37,7 @@ from core.trust import Certificate
 def create_app(backend: Frontend, trust: Callable[[str], Certificate | None] = lambda _fp: None,
                admin_group: int | None = None, max_body: int = MAX_BODY) -> FastAPI:
     app = FastAPI(title="execbroker", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
-    app.add_middleware(BodyLimit, limit=max_body)
+    app.add_middleware(BodyLimit, limit=max_body, unbounded=files.is_push)  # a file's size is the disk's
     app.add_middleware(Authenticate, trust=trust, admin_group=admin_group)  # outermost: runs first
 
     @app.exception_handler(ApiError)
@@ -55,6 +66,8 @@ def create_app(backend: Frontend, trust: Callable[[str], Certificate | None] = l
     instances.register(app, backend)
     images.register(app, backend)
     exec.register(app, backend)
+    files.register(app, backend)
+    metrics.register(app, backend)
     operations.register(app, backend)
     events.register(app, backend)
     internal.register(app, backend)

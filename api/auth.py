@@ -3,9 +3,9 @@ every request of a kept-alive connection, so a revocation takes effect at once):
 
 * unix socket: root and members of the admin group (``execbroker``, as ``incus-admin``) have full
   access; any other uid gets a 403 saying so;
-* HTTPS: a trusted client certificate is its identity (a restricted one sees only its projects); an
-  unknown certificate may read ``GET /1.0`` (``auth: untrusted``) and present a trust token, and gets a
-  403 for everything else;
+* HTTPS: a trusted client certificate is its identity (a restricted one sees only its projects); a
+  certificate of type ``metrics`` may read ``GET /1.0/metrics`` and nothing more; an unknown certificate
+  may read ``GET /1.0`` (``auth: untrusted``) and present a trust token, and gets a 403 for everything else;
 * member listener: the TLS layer already proved the peer holds the cluster certificate; a forwarded
   request carries the identity it is made for.
 
@@ -29,6 +29,7 @@ from core.trust import Certificate
 ADMIN_GROUP = "execbroker"
 INTERNAL = "/internal/"
 # What a client whose certificate is not trusted may do (as Incus): read the server, present a token.
+METRICS = ("GET", "/1.0/metrics")  # all a certificate of type "metrics" may do, beside UNTRUSTED
 UNTRUSTED = {("GET", "/"), ("GET", "/1.0"), ("GET", "/1.0/"), ("POST", "/1.0/certificates")}
 
 
@@ -61,7 +62,9 @@ class Authenticate:
             state["identity"] = from_uid(peer.uid or 0)
         elif peer.listener == "https":
             cert = self.trust(peer.fingerprint) if peer.fingerprint else None
-            if cert is None or cert.type != "client":
+            if cert is not None and cert.type == "metrics" and (scope.get("method"), path) == METRICS:
+                state["identity"] = Identity(cert.fingerprint, "tls", "", cert.restricted, cert.projects)
+            elif cert is None or cert.type != "client":
                 if (scope.get("method", "GET"), path) not in UNTRUSTED or scope["type"] != "http":
                     return await _deny(scope, receive, send, 403, "not authorized")
                 state["identity"] = None

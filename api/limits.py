@@ -3,6 +3,8 @@ Content-Length before a byte of it is read, or as soon as a chunked body passes 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import envelope
@@ -20,12 +22,14 @@ def too_large(limit: int) -> str:
 
 
 class BodyLimit:
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY) -> None:
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY,
+                 unbounded: Callable[[Scope], bool] = lambda _scope: False) -> None:
         self.app = app
         self.limit = limit
+        self.unbounded = unbounded  # requests whose body a route streams (file pushes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or self.unbounded(scope):
             await self.app(scope, receive, send)
             return
         length = dict(scope.get("headers") or []).get(b"content-length")

@@ -9,9 +9,11 @@ cluster link (tests of one node) everything is local.
 from __future__ import annotations
 
 import inspect
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from broker.cluster_link import ClusterLink
+from broker.member_link import Proxied
 from broker.members import member_json, offline_instance
 from broker.placement import choose_member
 from broker.remote_ops import RemoteOps
@@ -41,6 +43,7 @@ class Frontend:
         self.admin: Admin | None = None
         self.name = service.server_name
         self._owner_cache: dict[str, str] = {}  # instance key -> member
+        self._forwarded = {kind: service.metrics.forwarded.labels(kind).inc for kind in ("call", "websocket", "file")}
         self.remote = RemoteOps()
 
     # -- ownership ----------------------------------------------------------------------------------
@@ -64,6 +67,7 @@ class Frontend:
         if owner == self.name:
             return await _maybe_await(getattr(self.local, method)(project, name, *args))
         assert self.link is not None
+        self._forwarded["call"]()
         try:
             return await self.link.call(owner, method, project, name, *args)
         except ApiError as exc:
@@ -93,6 +97,7 @@ class Frontend:
         if owner == self.name:
             return await _maybe_await(getattr(self.local, method)(op_id, *args, who))
         assert self.link is not None
+        self._forwarded["call"]()
         try:
             return await self.link.call(owner, method, op_id, *args, who)
         except Unavailable:
@@ -272,6 +277,46 @@ class Frontend:
     async def exec_output_delete(self, project: str, name: str, filename: str) -> None:
         await self._on_instance(project, name, "exec_output_delete", filename)
 
+    # -- files --------------------------------------------------------------------------------------
+    async def file_owner(self, project: str, name: str, local_only: bool) -> tuple[str, str]:
+        """(member, its address) of the instance's owner; ("", "") when it is this member. A request that
+        another member relayed here (``local_only``) is never relayed again."""
+        check_instance_name(name)
+        key = instance_key(project, name)
+        if local_only or self.link is None:
+            if not self.local.instances.exists(key):
+                raise NotFound("Instance not found")
+            return "", ""
+        owner = await self._instance_owner(key)
+        if owner == self.name:
+            return "", ""
+        assert self.link is not None
+        info = self.link.member(owner)
+        if not info.alive:
+            raise Unavailable(f"Instance {name} is on cluster member {owner}, which is offline")
+        return owner, info.address
+
+    async def relay(self, member: str, address: str, method: str, path: str, params: dict[str, str],
+                    headers: dict[str, str], body: AsyncIterator[bytes] | None, who: Identity) -> Proxied:
+        """A request relayed to the member that owns what it names (files: streamed both ways)."""
+        assert self.link is not None
+        self._forwarded["file"]()
+        return await self.link.member_link.stream(member, address, method, path, params, headers, body, who)
+
+    # -- metrics ------------------------------------------------------------------------------------
+    async def metrics_text(self, target: str | None, who: Identity) -> str:
+        """``GET /1.0/metrics`` of this member, or of ``target``."""
+        if not target or target == self.name or self.link is None:
+            if target and target != self.name:
+                raise NotFound("Cluster member not found")
+            return self.local.metrics_text(who)
+        if target not in self.link.members:
+            await self.link.refresh()
+        if target not in self.link.members:
+            raise NotFound("Cluster member not found")
+        self._forwarded["call"]()
+        return await self.link.call(target, "metrics_text", who)
+
     # -- operations ---------------------------------------------------------------------------------
     async def list_operations(self, project: str | None, recursion: int, who: Identity) -> dict[str, list[Any]]:
         merged = self.local.list_operations(project, recursion, who)
@@ -324,6 +369,7 @@ class Frontend:
     async def dial_owner(self, address: str, op_id: str, secret: str, who: Identity) -> Any:
         """The owner's exec websocket for a relay (over the member link)."""
         assert self.link is not None
+        self._forwarded["websocket"]()
         return await self.link.member_link.dial_exec_socket(address, op_id, secret, who)
 
     def precheck_relay(self, op_id: str, secret: str, who: Identity) -> bool:

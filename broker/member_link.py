@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -21,6 +22,8 @@ from core.errors import ApiError, Unavailable
 from core.identity import Identity
 
 CONNECT_TIMEOUT = 5.0
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
+                        "proxy-authenticate", "proxy-authorization", "content-encoding"})
 
 
 def client_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
@@ -33,6 +36,27 @@ def client_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
+
+
+class Proxied:
+    """The owner's answer to a relayed request: status, headers and the body as it comes."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self.status = response.status_code
+        self.headers = {k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP}
+
+    async def body(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+        except httpx.HTTPError:
+            return  # the owner went away mid-body: the client sees a short body
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
 
 
 class MemberLink:
@@ -74,6 +98,19 @@ class MemberLink:
             raise Unavailable(f"Cluster member {member} is unreachable: {type(exc).__name__}") from None
         if r.status_code != 200:
             raise Unavailable(f"Cluster member {member} refused events: HTTP {r.status_code}")
+
+    async def stream(self, member: str, address: str, method: str, path: str, params: dict[str, str],
+                     headers: dict[str, str], body: AsyncIterator[bytes] | None, who: Identity) -> Proxied:
+        """A client's request relayed as is to the owner's member listener (files: streamed both ways,
+        one chunk in flight); the caller must ``aclose()`` the answer."""
+        client = self._client(address)
+        request = client.build_request(method, path, params=params, headers={**headers, **who.header()},
+                                       content=body)
+        try:
+            response = await client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"Cluster member {member} is unreachable: {type(exc).__name__}") from None
+        return Proxied(response)
 
     async def dial_exec_socket(self, address: str, op_id: str, secret: str, who: Identity) -> ClientConnection:
         """The owner's exec websocket, opened on ``who``'s behalf; its refusal comes back as the same error."""

@@ -4,6 +4,7 @@ output goes to /dev/null or the record-output files; the websocket checks before
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ from core.identity import Identity
 from core.operations import Operation, OperationRegistry, Status, render
 from node_agent import exec_output
 from node_agent.fdio import close_quietly
+from node_agent.metrics import Metrics, exec_mode
 from node_agent.render import instance_url
 from node_agent.runtime.instances import Instance, InstanceManager
 from node_agent.runtime.spawn import Process, SpawnRequest
@@ -24,14 +26,30 @@ Lifecycle = Callable[[str, str, "Identity | None", "dict[str, Any] | None"], Non
 
 
 class Execs:
-    def __init__(self, instances: InstanceManager, ops: OperationRegistry, lifecycle: Lifecycle) -> None:
+    def __init__(self, instances: InstanceManager, ops: OperationRegistry, lifecycle: Lifecycle,
+                 metrics: Metrics) -> None:
         self.instances = instances
         self.ops = ops
         self._lifecycle = lifecycle
+        self.metrics = metrics
         self.sessions: dict[str, ExecSession] = {}  # websocket operation id -> its session, until it ends
+        self._modes: dict[str, str] = {}  # exec operation id -> its mode, until it ends
+        metrics.sessions.set_function(lambda: len(self.sessions))
+        self._bytes_in = metrics.relayed_bytes.labels("in").inc
+        self._bytes_out = metrics.relayed_bytes.labels("out").inc
 
-    def finished(self, op_id: str) -> None:
-        self.sessions.pop(op_id, None)
+    def finished(self, op: Operation) -> None:
+        self.sessions.pop(op.id, None)
+        mode = self._modes.pop(op.id, None)
+        if mode is not None:
+            result = {Status.SUCCESS: "success", Status.CANCELLED: "cancelled"}.get(op.status, "failure")
+            self.metrics.execs_finished.labels(mode, result).inc()
+
+    async def _spawn(self, name: str, req: SpawnRequest, fds: tuple[int, ...]) -> Process:
+        started = time.perf_counter()
+        process = await self.instances.spawn(name, req, fds)
+        self.metrics.exec_start_seconds.observe(time.perf_counter() - started)
+        return process
 
     def _running_instance(self, name: str) -> Instance:
         inst = self.instances.get(name)
@@ -48,15 +66,21 @@ class Execs:
                                 lambda p: self.instances.path_exists(key, p))
         resources = {"instances": [instance_url(inst.name, inst.project)]}
         if post.wait_for_websocket:
-            return self._websocket(key, inst.project, post, env, resources, who)
-        return self._task(key, inst, post, env, {**resources, "containers": resources["instances"]}, who)
+            op = self._websocket(key, inst.project, post, env, resources, who)
+        else:
+            op = self._task(key, inst, post, env, {**resources, "containers": resources["instances"]}, who)
+        mode = exec_mode(post)
+        self._modes[op["id"]] = mode
+        self.metrics.execs_started.labels(mode).inc()
+        return op
 
     def _websocket(self, name: str, project: str, post: ExecPost, env: dict[str, str],
                    resources: dict[str, list[str]], who: Identity) -> dict[str, Any]:
         session = ExecSession(
             post, env,
-            spawn=lambda req, fds: self.instances.spawn(name, req, fds),
+            spawn=lambda req, fds: self._spawn(name, req, fds),
             on_started=lambda: self._lifecycle("instance-exec", name, who, {"command": post.command}),
+            count_in=self._bytes_in, count_out=self._bytes_out,
         )
         op = self.ops.create("websocket", "Executing command", resources, session.metadata(), who,
                              project=project, may_cancel=True)
@@ -82,7 +106,7 @@ class Execs:
                 req = SpawnRequest(argv=list(post.command), env=env, cwd=post.cwd or "",
                                    uid=post.user or 0, gid=post.group or 0)
                 try:
-                    p = await self.instances.spawn(name, req, (devnull, out, err))
+                    p = await self._spawn(name, req, (devnull, out, err))
                 except Exception as exc:
                     raise ApiError(str(exc)) from None
             finally:

@@ -14,6 +14,7 @@ API_EXTENSIONS = [
     "event_project", "operations_get_query_all_projects", "operation_wait", "api_filtering", "clustering",
     "container_full", "instance_get_full", "certificate_update", "certificate_token", "certificate_project",
     "certificate_self_renewal", "remote_token_expiry", "projects_restrictions", "instance_all_projects",
+    "file_delete", "file_append", "directory_manipulation", "file_symlinks",
 ]
 VERSION = "0.1.0"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,12 @@ from core import events as ev
 from core.errors import BadRequest, NotFound
 from core.events import EventHub, Listener
 from core.execspec import ExecPost
+from core.filespec import PushSpec
 from core.identity import Identity
 from core.operations import Operation, OperationRegistry, Status, render
 from node_agent.execs import Execs
+from node_agent.files import Download, Files
+from node_agent.metrics import Metrics
 from node_agent.render import instance_url, render_instance, render_state
 from node_agent.render_images import alias_url, image_url, render_alias, render_image
 from node_agent.runtime import records
@@ -58,7 +61,9 @@ class NodeService:
         self.on_op_expired: Callable[[str], None] | None = None
         self.on_instance_deleted: Callable[[str], None] | None = None  # gets the instance's key
         self.instances = InstanceManager(data_dir, driver=driver, cgroup_parent=cgroup_parent(data_dir))
-        self.execs = Execs(self.instances, self.ops, self._lifecycle)
+        self.metrics = Metrics(self.instances, self.ops)
+        self.execs = Execs(self.instances, self.ops, self._lifecycle, self.metrics)
+        self.files = Files(self.instances, self._lifecycle, self.metrics)
 
     def start(self) -> None:
         self.instances.adopt()
@@ -72,7 +77,7 @@ class NodeService:
             self.on_op_created(op.id)
         self.hub.publish("operation", render(op), project=op.project)
         if op.status.final:
-            self.execs.finished(op.id)
+            self.execs.finished(op)
 
     def _op_expired(self, op_id: str) -> None:
         if self.on_op_expired is not None:
@@ -271,6 +276,21 @@ class NodeService:
 
     def exec_output_delete(self, project: str, name: str, filename: str) -> None:
         self.execs.output_delete(self._key(project, name), filename)
+
+    # -- files (local only: another member relays the HTTP request itself, streamed) --------------------
+    async def file_get(self, project: str, name: str, path: str, who: Identity, head: bool = False) -> Download:
+        return await self.files.get(self._key(project, name), path, who, head)
+
+    async def file_push(self, project: str, name: str, path: str, spec: PushSpec, body: AsyncIterator[bytes],
+                        who: Identity) -> None:
+        await self.files.push(self._key(project, name), path, spec, body, who)
+
+    async def file_delete(self, project: str, name: str, path: str, who: Identity) -> None:
+        await self.files.delete(self._key(project, name), path, who)
+
+    def metrics_text(self, who: Identity) -> str:
+        """``GET /1.0/metrics`` of this member (OpenMetrics text), instances of ``who``'s projects."""
+        return self.metrics.render(who.allows).decode()
 
     def inventory(self) -> tuple[list[str], list[str]]:
         """What this node owns, for the directory: instance keys and live operation ids."""

@@ -60,10 +60,17 @@ class _Socket:
         self.done.set()
 
 
+def _ignore(_n: int) -> None:
+    pass
+
+
 class ExecSession:
     def __init__(self, req: ExecPost, env: dict[str, str], spawn: SpawnFn,
-                 on_started: Callable[[], None] | None = None) -> None:
+                 on_started: Callable[[], None] | None = None, count_in: Callable[[int], None] = _ignore,
+                 count_out: Callable[[int], None] = _ignore) -> None:
         self.req = req
+        self._count_in = count_in  # bytes relayed to the command, and from it (metrics)
+        self._count_out = count_out
         self.env = env
         self.state = SessionState(req.interactive)
         self._spawn = spawn
@@ -215,6 +222,7 @@ class ExecSession:
     # -- pumps --------------------------------------------------------------------------------------
     async def _pump_out(self, reader: OutputReader, sock: _Socket) -> None:
         while data := await reader.read():
+            self._count_out(len(data))
             await sock.send(data)
         await sock.send("")
 
@@ -233,6 +241,7 @@ class ExecSession:
                         close_after = False
                     continue
                 if forwarding:
+                    self._count_in(len(msg))
                     try:
                         await write_all(fd, msg)
                     except OSError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -156,6 +157,94 @@ def usage(path: str) -> dict[str, int | None]:
     cpu_us = _read_int(group / "cpu.stat", "usage_usec")
     return {"memory": _read_int(group / "memory.current"), "memory_peak": _read_int(group / "memory.peak"),
             "cpu_ns": cpu_us * 1000 if cpu_us is not None else None, "processes": _read_int(group / "pids.current")}
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What ``/1.0/metrics`` reports of one group: CPU seconds per CPU and mode, memory in bytes by kind
+    (LXD's names: RSS, Cached, Swap, MemTotal, ...), OOM kills, processes. Empty where not accounted."""
+
+    cpu: dict[tuple[str, str], float]  # (cpu, "user" | "system") -> seconds
+    memory: dict[str, int]
+    oom_kills: int | None
+    processes: int | None
+
+
+def figures(path: str, host_memory: int) -> Figures:
+    rel = path.lstrip("/")
+    v1, v2 = _mounts()
+    if "memory" in v1 or "cpuacct" in v1:
+        return _figures_v1(v1, rel, host_memory)
+    if v2 is None:
+        return Figures({}, {}, None, None)
+    group = v2 / rel
+    stat = _flat(group / "cpu.stat")
+    cpu = {("0", mode): stat[f"{mode}_usec"] / 1e6 for mode in ("user", "system") if f"{mode}_usec" in stat}
+    mem = _flat(group / "memory.stat")
+    usage = _read_int(group / "memory.current")
+    limit = _read_int(group / "memory.max") or host_memory
+    memory = {"RSS": mem.get("anon"), "Cached": mem.get("file"), "Shmem": mem.get("shmem"),
+              "Active_anon": mem.get("active_anon"), "Inactive_anon": mem.get("inactive_anon"),
+              "Active_file": mem.get("active_file"), "Inactive_file": mem.get("inactive_file"),
+              "Dirty": mem.get("file_dirty"), "Writeback": mem.get("file_writeback"),
+              "Unevictable": mem.get("unevictable"), "Mapped": mem.get("file_mapped"),
+              "Swap": _read_int(group / "memory.swap.current"), "MemTotal": limit}
+    if usage is not None:
+        memory["MemFree"] = max(limit - usage, 0)
+        memory["MemAvailable"] = max(limit - usage + (mem.get("inactive_file") or 0), 0)
+    return Figures(cpu, {k: v for k, v in memory.items() if v is not None},
+                   _flat(group / "memory.events").get("oom_kill"), _read_int(group / "pids.current"))
+
+
+def _figures_v1(v1: dict[str, Path], rel: str, host_memory: int) -> Figures:
+    cpu: dict[tuple[str, str], float] = {}
+    if "cpuacct" in v1:
+        try:
+            rows = (v1["cpuacct"] / rel / "cpuacct.usage_all").read_text().splitlines()[1:]
+        except OSError:
+            rows = []
+        for row in rows:
+            fields = row.split()
+            if len(fields) == 3 and all(f.isdigit() for f in fields):
+                cpu[(fields[0], "user")] = int(fields[1]) / 1e9
+                cpu[(fields[0], "system")] = int(fields[2]) / 1e9
+    memory: dict[str, int] = {}
+    oom_kills = None
+    if "memory" in v1:
+        group = v1["memory"] / rel
+        mem = _flat(group / "memory.stat")
+        usage = _read_int(group / "memory.usage_in_bytes")
+        limit = min(_read_int(group / "memory.limit_in_bytes") or host_memory, host_memory)
+        both = _read_int(group / "memory.memsw.usage_in_bytes")
+        named = {"RSS": "total_rss", "Cached": "total_cache", "Shmem": "total_shmem",
+                 "Active_anon": "total_active_anon", "Inactive_anon": "total_inactive_anon",
+                 "Active_file": "total_active_file", "Inactive_file": "total_inactive_file",
+                 "Dirty": "total_dirty", "Writeback": "total_writeback", "Unevictable": "total_unevictable",
+                 "Mapped": "total_mapped_file"}
+        memory = {ours: mem[theirs] for ours, theirs in named.items() if theirs in mem}
+        memory["MemTotal"] = limit
+        if usage is not None:
+            memory["MemFree"] = max(limit - usage, 0)
+            memory["MemAvailable"] = max(limit - usage + mem.get("total_inactive_file", 0), 0)
+            if both is not None:
+                memory["Swap"] = max(both - usage, 0)
+        oom_kills = _flat(group / "memory.oom_control").get("oom_kill")
+    processes = _read_int(v1["pids"] / rel / "pids.current") if "pids" in v1 else None
+    return Figures(cpu, memory, oom_kills, processes)
+
+
+def _flat(path: Path) -> dict[str, int]:
+    """A flat-keyed cgroup file (``name value`` lines) as numbers; empty if unreadable."""
+    out: dict[str, int] = {}
+    try:
+        text = path.read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if value.strip().isdigit():
+            out[name] = int(value)
+    return out
 
 
 def controller_dir(controller: str, path: str) -> Path | None:

@@ -28,14 +28,25 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from core.errors import ApiError, BadRequest, Conflict, NotFound
-from node_agent.runtime import cgroups, idranges, idshift, images, launcher, records, rootfs, runc
+from node_agent.runtime import (
+    cgroups,
+    idranges,
+    idshift,
+    images,
+    instance_files,
+    launcher,
+    records,
+    rootfs,
+    runc,
+)
 from node_agent.runtime.cgroups import Freezer
 from node_agent.runtime.container import ContainerRuntime, allocate_id_base
 from node_agent.runtime.images import ImageStore, Progress
 from node_agent.runtime.inroot import exists_in_root
+from node_agent.runtime.instance_files import FileInfo
 from node_agent.runtime.limits import Limits
 from node_agent.runtime.pid1.server import SOCKET_NAME
 from node_agent.runtime.records import KEY_RE, Driver, Record, now, validate_config, validate_name
@@ -210,6 +221,13 @@ class InstanceManager:
         if not self._refresh(rec):
             return {"memory": 0, "memory_peak": 0, "cpu_ns": 0, "processes": 0}
         return cgroups.usage(self.containers.cgroup_path(name))
+
+    def figures(self, name: str) -> cgroups.Figures | None:
+        """The instance's metrics from its cgroups (None when it is not running)."""
+        rec = self._record(name)
+        if not self._refresh(rec):
+            return None
+        return cgroups.figures(self.containers.cgroup_path(name), os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
     # ------------------------------------------------------------------------------------ changes
 
@@ -494,18 +512,34 @@ class InstanceManager:
 
     # -------------------------------------------------------------------------------------- exec
 
-    async def spawn(self, name: str, req: SpawnRequest, fds: tuple[int, ...]) -> Process:
-        """Start ``req`` inside the instance with ``fds`` as stdin/stdout/stderr, or on a new PTY (``req.pty``,
-        no fds: ``Process.pty_master``); see node_agent.runtime.spawn for who closes what. Raises SpawnError,
-        or BadRequest if the instance is not running or frozen."""
+    def _pid1_socket(self, name: str) -> Path:
         rec = self._record(name)
-        if rec.pid1 is None:
+        if rec.pid1 is None:  # a pid1 that died since is found out by the connect
             raise BadRequest("Instance is not running")
         freezer = self._freezer(name)
         if freezer is not None and freezer.is_frozen():
             raise BadRequest("Instance is frozen")  # pid1 could not answer
-        process = await spawn(self._dir(name) / SOCKET_NAME, req, fds)
+        return self._dir(name) / SOCKET_NAME
+
+    async def file(self, name: str, op: str, path: str, **args: Any) -> tuple[FileInfo, int | None]:
+        """A file request (``instance_files``), done inside the instance by its pid1 while it runs, on its
+        rootfs while it is stopped: what ``path`` is, and the open file or directory for ``open`` and
+        ``write`` (the caller's to close)."""
+        rec = self._record(name)
+        if self._refresh(rec):
+            info = await instance_files.request(self._pid1_socket(name), op, path, **args)
+        else:  # stopped: on its rootfs, as the instance's root would
+            info = await asyncio.to_thread(instance_files.on_rootfs, self._dir(name) / "rootfs", rec.id_base,
+                                           op, path, **args)
         rec.last_used_at = now()
+        return info
+
+    async def spawn(self, name: str, req: SpawnRequest, fds: tuple[int, ...]) -> Process:
+        """Start ``req`` inside the instance with ``fds`` as stdin/stdout/stderr, or on a new PTY (``req.pty``,
+        no fds: ``Process.pty_master``); see node_agent.runtime.spawn for who closes what. Raises SpawnError,
+        or BadRequest if the instance is not running or frozen."""
+        process = await spawn(self._pid1_socket(name), req, fds)
+        self._record(name).last_used_at = now()
         return process
 
 

@@ -188,6 +188,19 @@ async def spawn(socket_path: Path, req: SpawnRequest, fds: tuple[int, ...]) -> P
     return Process(pid, host_pid, sock, master)
 
 
+async def ask(socket_path: Path, payload: bytes, timeout: float = REPLY_TIMEOUT) -> tuple[bytes, list[int]]:
+    """One request to pid1 on a connection of its own, and its one answer with the fds that came with it
+    (the caller's to close). Raises ``Pid1Unavailable`` when no pid1 listens, ``SpawnError`` on silence."""
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
+        await _connect(loop, sock, socket_path)
+        await _send(loop, sock, payload, ())
+        try:
+            return await asyncio.wait_for(_recv(loop, sock), timeout)
+        except asyncio.TimeoutError:
+            raise SpawnError(f"The instance did not answer within {timeout:.0f} s") from None
+
+
 def take_reply(reply: bytes, got: list[int], want_pty: bool) -> tuple[int, int | None, int | None]:
     """pid1's answer to a spawn: (pid inside, pidfd, PTY master). pid1 runs as the instance's root, so its
     answer is checked like any input: every fd that came with it is returned or closed, whatever it says."""

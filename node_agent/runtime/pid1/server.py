@@ -14,6 +14,7 @@ import struct
 import sys
 from typing import Any, NoReturn
 
+from node_agent.runtime.pid1 import files
 from node_agent.runtime.pid1.reclaim import Reclaimer
 from node_agent.runtime.pid1.spawner import PosixSpawn, Request, exec_child, open_pty, write_all
 from node_agent.runtime.pid1.syscalls import (
@@ -62,6 +63,8 @@ class Pid1:
         self.buffer = bytearray(MAX_REQUEST)
         self.spawner = PosixSpawn()
         self.reclaimer = Reclaimer(isolated)
+        # unprivileged process driver: "root" is the agent's own user, files keep its ids
+        self.file_root = files.ContainerRoot(chown=isolated or os.getuid() == 0)
 
     # ---- setup
 
@@ -276,7 +279,10 @@ class Pid1:
 
     def _spawn(self, ex: _Exec, data: bytes, fds: list[int]) -> None:
         try:
-            req = Request(data)
+            msg = json.loads(data)
+            if isinstance(msg, dict) and "file" in msg:
+                return self._file(ex, msg, fds)
+            req = Request(msg)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             return self._refuse(ex, f"Invalid spawn request: {exc}")
         if len(fds) != (0 if req.pty else 3):
@@ -313,6 +319,23 @@ class Pid1:
         finally:
             if slave >= 0:
                 os.close(slave)  # the command has its own copy now
+
+    def _file(self, ex: _Exec, msg: dict[str, Any], fds: list[int]) -> None:
+        """One file request (files.py): answered, with the opened file if there is one, then closed."""
+        if fds:
+            return self._refuse(ex, "Invalid file request: unexpected file descriptors")
+        try:
+            answer, fd = files.handle(msg, self.file_root)
+        except files.FileError as exc:
+            return self._refuse(ex, str(exc), exc.code)
+        except OSError as exc:
+            return self._refuse(ex, f"{exc.strerror}: {msg.get('path')}", exc.errno or 0)
+        try:
+            self._send(ex, {**answer, "fds": ["file"] if fd >= 0 else []}, [fd] if fd >= 0 else None)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        self._close_conn(ex)
 
     def _fork_spawn(self, ex: _Exec, req: Request, fds: list[int]) -> None:
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
@@ -354,11 +377,11 @@ class Pid1:
                 os.close(fd)
             ex.pty_master = -1
 
-    def _refuse(self, ex: _Exec, text: str) -> None:
+    def _refuse(self, ex: _Exec, text: str, code: int = 0) -> None:
         if ex.pty_master >= 0:
             os.close(ex.pty_master)
             ex.pty_master = -1
-        self._send(ex, {"error": text})
+        self._send(ex, {"error": text, "errno": code} if code else {"error": text})
         self._close_conn(ex)
 
     def _on_status(self, ex: _Exec, fd: int) -> None:

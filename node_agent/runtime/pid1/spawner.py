@@ -6,7 +6,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import json
 import os
 import signal
 import struct
@@ -23,8 +22,7 @@ IGNORED_BY_PYTHON = (signal.SIGPIPE, signal.SIGXFSZ)
 class Request:
     """A parsed spawn request."""
 
-    def __init__(self, data: bytes) -> None:
-        req = json.loads(data)
+    def __init__(self, req: dict[str, Any]) -> None:
         self.argv = [str(a) for a in req["argv"]]
         if not self.argv:
             raise ValueError("missing command")
