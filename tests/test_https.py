@@ -190,6 +190,8 @@ UNTRUSTED_ROUTES = [
     ("GET", "/1.0/operations"), ("GET", "/1.0/certificates"), ("GET", "/1.0/projects"), ("PUT", "/1.0"),
     ("PATCH", "/1.0"), ("DELETE", "/1.0/instances/c1"), ("GET", "/1.0/cluster/members"),
     ("PUT", "/1.0/instances/c1/state"), ("GET", "/1.0/events"), ("GET", "/internal/v1/call"),
+    ("GET", "/1.0/metrics"), ("GET", "/1.0/instances/c1/files?path=/etc/hostname"),
+    ("POST", "/1.0/instances/c1/files?path=/tmp/x"), ("DELETE", "/1.0/instances/c1/files?path=/etc/hostname"),
 ]
 
 
@@ -303,3 +305,39 @@ def test_trust_show_and_edit(broker: Broker, remote: Remote) -> None:
     assert r.returncode != 0 and b"User does not have permission" in r.stderr, r.stderr
     r = broker.lxc("config", "trust", "show", "ffff")
     assert r.returncode != 0 and b"Certificate not found" in r.stderr
+
+
+def test_files_over_https(remote: Remote, c1: str) -> None:
+    """lxc file push and pull through an HTTPS remote, as another uid."""
+    work = Path(tempfile.mkdtemp(prefix="ebfiles-", dir="/tmp"))
+    try:
+        os.chown(work, CLIENT_UID, CLIENT_UID)
+        src = work / "payload"
+        src.write_bytes(os.urandom(3 << 20))
+        os.chown(src, CLIENT_UID, CLIENT_UID)
+        r = subprocess.run(["lxc", "file", "push", "-q", str(src), f"eb:{c1}/tmp/payload"], env=remote.env,
+                           capture_output=True, timeout=60, user=CLIENT_UID, group=CLIENT_UID, extra_groups=[])
+        assert r.returncode == 0, r.stderr
+        r = subprocess.run(["lxc", "file", "pull", f"eb:{c1}/tmp/payload", "-"], env=remote.env,
+                           capture_output=True, timeout=60, user=CLIENT_UID, group=CLIENT_UID, extra_groups=[])
+        assert r.returncode == 0 and r.stdout == src.read_bytes(), r.stderr
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_metrics_certificate_reads_metrics_only(broker: Broker, https: str, stranger: tuple[str, str]) -> None:
+    """A certificate of type ``metrics`` may scrape /1.0/metrics and nothing else (as Incus)."""
+    pem = Path(stranger[0]).read_text()
+    der = base64.b64encode(ssl.PEM_cert_to_DER_cert(pem)).decode()
+    broker.api("POST", "/1.0/certificates", {"type": "metrics", "name": "scraper", "certificate": der}, status=200)
+    fingerprint = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest()
+    try:
+        with httpx.Client(base_url=f"https://{https}", verify=_client_context(stranger), timeout=10) as c:
+            r = c.get("/1.0/metrics")
+            assert r.status_code == 200 and r.headers["content-type"].startswith("application/openmetrics-text")
+            assert "lxd_procs_total" in r.text and r.text.endswith("# EOF\n")
+            for method, path in (("GET", "/1.0/instances"), ("GET", "/1.0/instances/c1/files?path=/etc/hostname"),
+                                 ("POST", "/1.0/instances/c1/exec"), ("GET", "/1.0/certificates")):
+                assert c.request(method, path, content=b"{}").status_code == 403, (method, path)
+    finally:
+        broker.api("DELETE", f"/1.0/certificates/{fingerprint}", status=200)

@@ -56,13 +56,7 @@ async def request(socket_path: Path, op: str, path: str, **args: Any) -> tuple[F
     for ``open`` and ``write`` (the caller's to close)."""
     payload = json.dumps({"file": op, "path": path, **args}).encode()
     reply, fds = await ask(socket_path, payload)
-    try:
-        info, fd = _take(reply, fds)
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
-    return info, fd
+    return _take(reply, fds)
 
 
 class RootfsRoot:
@@ -73,7 +67,7 @@ class RootfsRoot:
         self.base = id_base  # None: ids are the host's (process driver, or not yet shifted)
 
     def open(self, path: str, flags: int, mode: int = 0o600) -> int:
-        return open_in_root(self.fd, path, flags, mode)
+        return open_in_root(self.fd, path, flags, mode if flags & os.O_CREAT else 0)  # openat2 is strict
 
     def parent(self, path: str) -> tuple[int, str]:
         head, name = posixpath.split(path)
@@ -125,6 +119,16 @@ def _take(reply: bytes, fds: list[int]) -> tuple[FileInfo, int | None]:
 
 
 def _answer(msg: Any, fds: list[int]) -> tuple[FileInfo, int | None]:
+    """The answer's meaning and its fd; every fd that came with it is returned or closed."""
+    try:
+        return _checked(msg, fds)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def _checked(msg: Any, fds: list[int]) -> tuple[FileInfo, int | None]:
     if not isinstance(msg, dict):
         raise BadRequest("Malformed answer from the instance's pid1")
     if "error" in msg:

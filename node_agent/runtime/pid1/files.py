@@ -138,6 +138,7 @@ def _open(root: Any, path: str) -> tuple[dict[str, Any], int]:
 
 def _write(root: Any, path: str, uid: int, gid: int, mode: int, append: bool) -> tuple[dict[str, Any], int]:
     flags = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    owner = root.host_ids(max(uid, 0), max(gid, 0))  # refused before anything is made
     dir_fd, name = root.parent(path)
     try:
         fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dir_fd)
@@ -154,7 +155,7 @@ def _write(root: Any, path: str, uid: int, gid: int, mode: int, append: bool) ->
         if not stat.S_ISREG(st.st_mode):
             raise FileError(f"{path} is not a regular file", errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL)
         if created:
-            os.fchown(fd, *root.host_ids(max(uid, 0), max(gid, 0)))
+            os.fchown(fd, *owner)
             os.fchmod(fd, mode if mode >= 0 else NEW_FILE_MODE)
         else:
             root.check(st)
@@ -167,6 +168,7 @@ def _write(root: Any, path: str, uid: int, gid: int, mode: int, append: bool) ->
 
 
 def _mkdir(root: Any, path: str, uid: int, gid: int, mode: int) -> dict[str, Any]:
+    owner = root.host_ids(max(uid, 0), max(gid, 0))
     dir_fd, name = root.parent(path)
     try:
         try:
@@ -174,7 +176,7 @@ def _mkdir(root: Any, path: str, uid: int, gid: int, mode: int) -> dict[str, Any
         except FileExistsError:  # whatever is there stays as it is (as LXD)
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             return describe(root, st, created=False)
-        os.chown(name, *root.host_ids(max(uid, 0), max(gid, 0)), dir_fd=dir_fd, follow_symlinks=False)
+        os.chown(name, *owner, dir_fd=dir_fd, follow_symlinks=False)
         fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
         try:
             os.fchmod(fd, mode if mode >= 0 else NEW_DIR_MODE)
