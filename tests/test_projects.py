@@ -155,3 +155,16 @@ def test_restricted_certificate_cannot_find_other_projects_objects(confined: Rem
         assert r.returncode != 0 and b"Instance not found" in r.stderr, r.stderr
     finally:
         broker.remove("d1")
+
+
+def test_restricted_certificate_files_stay_in_its_project(confined: Remote, project: str) -> None:
+    """Files of its own project's instances work; the same name in another project is refused (403)."""
+    r = confined.lxc("--project", project, "file", "pull", "eb:c1/etc/hostname", "-")
+    assert (r.returncode, r.stdout) == (0, b"c1\n"), r.stderr
+    r = confined.lxc("--project", "default", "file", "pull", "eb:c1/etc/hostname", "-")
+    assert r.returncode != 0 and b'User does not have permission for project "default"' in r.stderr, r.stderr
+    r = confined.lxc("query", "-X", "DELETE", "eb:/1.0/instances/c1/files?path=/etc/hostname&project=default")
+    assert r.returncode != 0 and b'User does not have permission for project "default"' in r.stderr, r.stderr
+    r = confined.lxc("query", "eb:/1.0/metrics")
+    assert r.returncode == 0 and f'name="c1",project="{project}"'.encode() in r.stdout, r.stderr
+    assert b'name="c1",project="default"' not in r.stdout  # only its projects' series
