@@ -4,6 +4,7 @@ from bench.workloads import (
     cluster,
     exec_latency,
     exec_rate,
+    files,
     instances,
     keystroke,
     lxc_exec,
@@ -14,6 +15,6 @@ from bench.workloads import (
 )
 
 # startup and cluster are special: startup's baseline runs before the broker starts, cluster after it stops.
-WORKLOADS = [exec_latency, lxc_exec, lxc_https, throughput, keystroke, sessions, exec_rate, instances, startup,
-             cluster]
+WORKLOADS = [exec_latency, lxc_exec, lxc_https, throughput, keystroke, sessions, exec_rate, instances, files,
+             startup, cluster]
 NAMES = [w.NAME for w in WORKLOADS]

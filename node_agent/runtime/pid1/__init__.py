@@ -7,6 +7,7 @@ container LABEL``; every module it uses is imported when it starts. The agent ta
 
 Modules: ``launch`` (how pid1 comes to life: in a container, or by the process driver's launcher),
 ``server`` (pid1's loop: connections, spawns, reaping), ``spawner`` (how one command starts, PTYs),
+``files`` (the file service: lookups, creations, removals inside the instance),
 ``reclaim`` (what happens at the process limit), ``syscalls`` (libc calls, signal resets, /proc parsing).
 
 In a container, runc has made the namespaces, mounts and root; pid1 gets its listening socket (bound by
@@ -24,5 +25,8 @@ Spawn protocol (SOCK_SEQPACKET, one connection per command, one JSON object per 
 * pid1 -> agent: ``{"exit": <raw wait status>}`` when the command was reaped (then closes);
 * agent -> pid1 at any time: ``{"signal": N}`` (main process) or ``{"kill": true}`` (its process group).
   The agent closing the connection while the command runs SIGKILLs the command's process group.
+
+A connection may instead carry one file request, ``{"file": OP, "path": ...}`` (``files.py``), answered
+once (with the opened file as an fd for ``open`` and ``write``), then closed.
 
 """
