@@ -18,6 +18,7 @@ from api import envelope
 from api.auth import Authenticate
 from api.limits import MAX_BODY, BodyLimit
 from api.routes import (
+    audit,
     certificates,
     events,
     exec,
@@ -68,6 +69,7 @@ def create_app(backend: Frontend, trust: Callable[[str], Certificate | None] = l
     exec.register(app, backend)
     files.register(app, backend)
     metrics.register(app, backend)
+    audit.register(app, backend)
     operations.register(app, backend)
     events.register(app, backend)
     internal.register(app, backend)

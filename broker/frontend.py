@@ -303,6 +303,16 @@ class Frontend:
         self._forwarded["file"]()
         return await self.link.member_link.stream(member, address, method, path, params, headers, body, who)
 
+    # -- exec audit ---------------------------------------------------------------------------------
+    async def audit_records(self, limit: int, project: str | None, who: Identity) -> list[dict[str, Any]]:
+        """The last ``limit`` exec audit records of the whole cluster, oldest first."""
+        records = list(await self.local.audit_records(limit, project, who))
+        if self.link is not None:
+            for part in (await self.link.gather_peers("audit_records", limit, project, who)).values():
+                records.extend(part)
+        records.sort(key=lambda r: (str(r.get("ended_at", "")), str(r.get("operation", ""))))
+        return records[-limit:]
+
     # -- metrics ------------------------------------------------------------------------------------
     async def metrics_text(self, target: str | None, who: Identity) -> str:
         """``GET /1.0/metrics`` of this member, or of ``target``."""

@@ -194,6 +194,7 @@ class Client:
         stdin: Stdin = None,
         stdout_sink: Sink | None = None,
         stderr_sink: Sink | None = None,
+        timeout: float | None = None,
     ) -> ExecSession:
         """POST the exec, connect its websockets and start pumping. Returns the running session handle.
 
@@ -213,6 +214,8 @@ class Client:
             "group": group,
             "cwd": cwd,
         }
+        if timeout is not None:
+            body["timeout"] = timeout  # extension exec_timeout
         resp = await self.post(f"/1.0/instances/{quote(instance, safe='')}/exec", body)
         session = ExecSession(self, resp.operation_id, resp.metadata["metadata"]["fds"], interactive)
         try:

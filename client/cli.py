@@ -104,7 +104,7 @@ async def cmd_exec(c: Client, args: argparse.Namespace) -> int:
         session = await c.exec_start(
             args.name, args.command, interactive=interactive, env=_env(args.env), cwd=args.cwd or "",
             user=args.user, group=args.group, width=width, height=height, stdin=stdin,
-            stdout_sink=terminal.fd_writer(1), stderr_sink=terminal.fd_writer(2),
+            stdout_sink=terminal.fd_writer(1), stderr_sink=terminal.fd_writer(2), timeout=args.timeout,
         )
         if session.has_control:  # without one, signals keep their default effect on this process
             stack.enter_context(terminal.forward_signals(
@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--cwd", help="working directory")
     ex.add_argument("--user", type=int, default=0, help="uid to run as")
     ex.add_argument("--group", type=int, default=0, help="gid to run as")
+    ex.add_argument("--timeout", type=float, metavar="SECONDS",
+                    help="stop the command after this long (SIGTERM, SIGKILL 3 s later): exit 124")
     ex.add_argument("command", nargs="*", help=argparse.SUPPRESS)
     return p
 

@@ -18,6 +18,16 @@ EXTRA_PATHS = (("/snap", "/snap/bin"), ("/etc/NIXOS", "/run/current-system/sw/bi
 CONTROL = "control"
 
 
+MAX_TIMEOUT = 30 * 86400  # seconds (exec_timeout)
+TIMEOUT_GRACE = 3.0  # seconds between SIGTERM and SIGKILL of a timed-out command's process group
+TIMEOUT_EXIT = 124  # what coreutils' timeout returns
+
+
+def timed_out(seconds: float) -> ExitResult:
+    """What a command stopped at its timeout ends with: exit 124 and the operation's error."""
+    return ExitResult(TIMEOUT_EXIT, f"Command timed out after {seconds:g} s")
+
+
 class ExecPost(BaseModel):
     """``InstanceExecPost``: unknown keys ignored, nulls accepted where clients send them."""
 
@@ -33,6 +43,16 @@ class ExecPost(BaseModel):
     user: int | None = None
     group: int | None = None
     cwd: str | None = None
+    timeout: float | None = None  # extension exec_timeout: seconds until the command is stopped
+    record_session: bool = Field(False, alias="record-session")  # extension exec_recording: asciicast v2
+    record_stdin: bool = Field(False, alias="record-stdin")  # ... with the input too
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, v: float | None) -> float | None:
+        if v is not None and not 0 < v <= MAX_TIMEOUT:
+            raise ValueError(f"must be more than 0 and at most {MAX_TIMEOUT} seconds")
+        return v
 
     @field_validator("user", "group")
     @classmethod

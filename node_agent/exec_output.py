@@ -1,4 +1,5 @@
-"""record-output files (spec §6): names, the directory guard, opening without following links."""
+"""record-output files (spec §6) and session recordings (``.cast``): names, the directory guard,
+opening without following links."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from core.errors import ApiError, BadRequest, NotFound
 
-_NAME = re.compile(r"^exec_[A-Za-z0-9-]+\.(stdout|stderr)$")
+_NAME = re.compile(r"^exec_[A-Za-z0-9-]+\.(stdout|stderr|cast)$")
 NOT_A_DIR = "Exec output directory isn't a regular directory"
 
 
@@ -32,18 +33,23 @@ def output_dir(path: Path, create: bool) -> Path:
     return path
 
 
-def create_files(directory: Path, op_id: str) -> tuple[int, int, str, str]:
-    """Open (create, truncate) the stdout and stderr files of an operation; returns fds and names."""
+def create_files(directory: Path, op_id: str, suffixes: tuple[str, ...] = ("stdout", "stderr")) -> list[tuple[int, str]]:
+    """Open (create, truncate) an operation's files (``exec_<id>.<suffix>``): their fds and names."""
     output_dir(directory, create=True)
-    names = (f"exec_{op_id}.stdout", f"exec_{op_id}.stderr")
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
     dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    opened: list[tuple[int, str]] = []
     try:
-        out = os.open(names[0], flags, 0o600, dir_fd=dfd)
-        err = os.open(names[1], flags, 0o600, dir_fd=dfd)
+        for suffix in suffixes:
+            name = f"exec_{op_id}.{suffix}"
+            opened.append((os.open(name, flags, 0o600, dir_fd=dfd), name))
+    except BaseException:
+        for fd, _ in opened:
+            os.close(fd)
+        raise
     finally:
         os.close(dfd)
-    return out, err, names[0], names[1]
+    return opened
 
 
 def list_files(directory: Path) -> list[str]:

@@ -3,47 +3,82 @@ output goes to /dev/null or the record-output files; the websocket checks before
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from core import projects
+from core import projects, timefmt
 from core.errors import ApiError, BadRequest
-from core.execspec import ExecPost, build_environment, exit_result
+from core.execspec import ExecPost, build_environment, exit_result, timed_out
 from core.identity import Identity
 from core.operations import Operation, OperationRegistry, Status, render
 from node_agent import exec_output
+from node_agent.asciicast import Recorder
+from node_agent.audit import AuditLog
+from node_agent.deadline import Deadline
 from node_agent.fdio import close_quietly
 from node_agent.metrics import Metrics, exec_mode
 from node_agent.render import instance_url
 from node_agent.runtime.instances import Instance, InstanceManager
+from node_agent.runtime.records import split_key
 from node_agent.runtime.spawn import Process, SpawnRequest
 from node_agent.session import ExecSession
+
+log = logging.getLogger(__name__)
 
 # (action, instance, requestor, context): a lifecycle event
 Lifecycle = Callable[[str, str, "Identity | None", "dict[str, Any] | None"], None]
 
 
+@dataclass
+class _Live:
+    """What the audit record of an exec needs, kept from its start to its end."""
+
+    key: str
+    post: ExecPost
+    who: Identity
+    mode: str
+    started_at: datetime = field(default_factory=timefmt.now)
+
+
 class Execs:
     def __init__(self, instances: InstanceManager, ops: OperationRegistry, lifecycle: Lifecycle,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, audit: AuditLog, member: Callable[[], str]) -> None:
         self.instances = instances
         self.ops = ops
         self._lifecycle = lifecycle
         self.metrics = metrics
+        self.audit = audit
+        self._member = member
         self.sessions: dict[str, ExecSession] = {}  # websocket operation id -> its session, until it ends
-        self._modes: dict[str, str] = {}  # exec operation id -> its mode, until it ends
+        self._live: dict[str, _Live] = {}  # exec operation id -> what its audit record needs, until it ends
         metrics.sessions.set_function(lambda: len(self.sessions))
         self._bytes_in = metrics.relayed_bytes.labels("in").inc
         self._bytes_out = metrics.relayed_bytes.labels("out").inc
 
     def finished(self, op: Operation) -> None:
-        self.sessions.pop(op.id, None)
-        mode = self._modes.pop(op.id, None)
-        if mode is not None:
-            result = {Status.SUCCESS: "success", Status.CANCELLED: "cancelled"}.get(op.status, "failure")
-            self.metrics.execs_finished.labels(mode, result).inc()
+        session = self.sessions.pop(op.id, None)
+        live = self._live.pop(op.id, None)
+        if live is None:
+            return
+        result = {Status.SUCCESS: "success", Status.CANCELLED: "cancelled"}.get(op.status, "failure")
+        self.metrics.execs_finished.labels(live.mode, result).inc()
+        project, name = split_key(live.key)
+        record = {
+            "operation": op.id, "member": self._member(), "project": project, "instance": name,
+            "requestor": live.who.to_json(), "command": live.post.command, "mode": live.mode,
+            "started_at": timefmt.rfc3339(live.started_at), "ended_at": timefmt.rfc3339(timefmt.now()),
+            "status": op.status.text, "return": op.metadata.get("return"), "error": op.err,
+            "bytes_in": session.bytes_in if session else 0, "bytes_out": session.bytes_out if session else 0,
+        }
+        try:
+            self.audit.append(record)
+        except OSError as exc:
+            log.error("exec audit: cannot append to %s: %s", self.audit.path, exc)
 
     async def _spawn(self, name: str, req: SpawnRequest, fds: tuple[int, ...]) -> Process:
         started = time.perf_counter()
@@ -62,6 +97,8 @@ class Execs:
     def start(self, key: str, post: ExecPost, who: Identity) -> dict[str, Any]:
         """Create and start the exec operation on instance ``key``; returns it rendered."""
         inst = self._running_instance(key)
+        if (post.record_session or post.record_stdin) and not post.wait_for_websocket:
+            raise BadRequest("record-session needs wait-for-websocket (use record-output for a task)")
         env = build_environment(post.environment, inst.config, post.user or 0,
                                 lambda p: self.instances.path_exists(key, p))
         resources = {"instances": [instance_url(inst.name, inst.project)]}
@@ -70,7 +107,7 @@ class Execs:
         else:
             op = self._task(key, inst, post, env, {**resources, "containers": resources["instances"]}, who)
         mode = exec_mode(post)
-        self._modes[op["id"]] = mode
+        self._live[op["id"]] = _Live(key, post, who, mode)
         self.metrics.execs_started.labels(mode).inc()
         return op
 
@@ -84,6 +121,12 @@ class Execs:
         )
         op = self.ops.create("websocket", "Executing command", resources, session.metadata(), who,
                              project=project, may_cancel=True)
+        if post.record_session:
+            (fd, cast), = exec_output.create_files(self.instances.exec_output_dir(name), op.id, ("cast",))
+            session.recorder = Recorder(fd, post.width, post.height, post.command, env.get("TERM", ""),
+                                        post.record_stdin)
+            inst = self.instances.get(name)
+            op.extend_metadata({"recording": output_url(inst, cast)})
         self.sessions[op.id] = session
         self.ops.start(op, session.run, session.cancel)
         return render(op)
@@ -101,7 +144,7 @@ class Execs:
             try:
                 if post.record_output:
                     directory = self.instances.exec_output_dir(name)
-                    out, err, out_name, err_name = exec_output.create_files(directory, op.id)
+                    (out, out_name), (err, err_name) = exec_output.create_files(directory, op.id)
                     meta["output"] = {fd: output_url(inst, f) for fd, f in (("1", out_name), ("2", err_name))}
                 req = SpawnRequest(argv=list(post.command), env=env, cwd=post.cwd or "",
                                    uid=post.user or 0, gid=post.group or 0)
@@ -113,11 +156,14 @@ class Execs:
                 close_quietly(*{devnull, out, err})
             proc.append(p)
             self._lifecycle("instance-exec", name, who, {"command": post.command})
+            deadline = Deadline(p, post.timeout) if post.timeout is not None else None
             try:
                 code = await p.wait()
             finally:
+                if deadline is not None:
+                    deadline.cancel()
                 p.close()
-            result = exit_result(code)
+            result = timed_out(post.timeout) if deadline and deadline.expired else exit_result(code)
             op.extend_metadata({**meta, "return": result.code})
             if result.error:
                 raise ApiError(result.error)

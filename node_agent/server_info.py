@@ -15,6 +15,8 @@ API_EXTENSIONS = [
     "container_full", "instance_get_full", "certificate_update", "certificate_token", "certificate_project",
     "certificate_self_renewal", "remote_token_expiry", "projects_restrictions", "instance_all_projects",
     "file_delete", "file_append", "directory_manipulation", "file_symlinks",
+    # execbroker's own (docs/architecture.md, "Beyond LXD"):
+    "exec_timeout", "exec_audit", "exec_recording",
 ]
 VERSION = "0.1.0"
 

@@ -8,6 +8,7 @@ touches an operation is given the caller, and an operation of a project the call
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import socket
@@ -22,6 +23,7 @@ from core.execspec import ExecPost
 from core.filespec import PushSpec
 from core.identity import Identity
 from core.operations import Operation, OperationRegistry, Status, render
+from node_agent.audit import MAX_LIMIT, AuditLog
 from node_agent.execs import Execs
 from node_agent.files import Download, Files
 from node_agent.metrics import Metrics
@@ -62,7 +64,9 @@ class NodeService:
         self.on_instance_deleted: Callable[[str], None] | None = None  # gets the instance's key
         self.instances = InstanceManager(data_dir, driver=driver, cgroup_parent=cgroup_parent(data_dir))
         self.metrics = Metrics(self.instances, self.ops)
-        self.execs = Execs(self.instances, self.ops, self._lifecycle, self.metrics)
+        self.audit = AuditLog(data_dir / "audit.jsonl")
+        self.execs = Execs(self.instances, self.ops, self._lifecycle, self.metrics, self.audit,
+                           lambda: self.server_name)
         self.files = Files(self.instances, self._lifecycle, self.metrics)
 
     def start(self) -> None:
@@ -287,6 +291,13 @@ class NodeService:
 
     async def file_delete(self, project: str, name: str, path: str, who: Identity) -> None:
         await self.files.delete(self._key(project, name), path, who)
+
+    async def audit_records(self, limit: int, project: str | None, who: Identity) -> list[dict[str, Any]]:
+        """The last ``limit`` exec audit records of this member, of ``project`` (None: every project
+        ``who`` may see)."""
+        limit = max(1, min(int(limit), MAX_LIMIT))
+        allows = (lambda p: p == project) if project is not None else who.allows
+        return await asyncio.to_thread(self.audit.tail, limit, allows)
 
     def metrics_text(self, who: Identity) -> str:
         """``GET /1.0/metrics`` of this member (OpenMetrics text), instances of ``who``'s projects."""

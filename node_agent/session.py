@@ -17,9 +17,11 @@ from collections.abc import Awaitable, Callable
 
 from core.channel import Channel, ChannelClosed
 from core.errors import ApiError, SpawnError
-from core.execspec import CONTROL, ExecPost, Resize, Signal, exit_result, parse_control
+from core.execspec import CONTROL, ExecPost, Resize, Signal, exit_result, parse_control, timed_out
 from core.operations import Operation
 from core.session_state import Phase, SessionState
+from node_agent.asciicast import Recorder
+from node_agent.deadline import Deadline
 from node_agent.fdio import OutputReader, close_quietly, make_pipe, write_all
 from node_agent.runtime.spawn import Process, SpawnRequest
 
@@ -71,6 +73,7 @@ class ExecSession:
         self.req = req
         self._count_in = count_in  # bytes relayed to the command, and from it (metrics)
         self._count_out = count_out
+        self.bytes_in = self.bytes_out = 0  # this session's (audit)
         self.env = env
         self.state = SessionState(req.interactive)
         self._spawn = spawn
@@ -82,6 +85,8 @@ class ExecSession:
         self._pty_master: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._cancelled = False
+        self.deadline: Deadline | None = None  # of a command run with a timeout
+        self.recorder: Recorder | None = None  # of a session recorded as asciicast
 
     # -- operation metadata -------------------------------------------------------------------------
     def metadata(self) -> dict[str, object]:
@@ -127,7 +132,7 @@ class ExecSession:
             if self._cancelled:
                 return
             code = await self._run_command()
-            result = exit_result(code)
+            result = timed_out(self.deadline.seconds) if self.deadline and self.deadline.expired else exit_result(code)
             op.extend_metadata({"return": result.code})
             if result.error:
                 raise ApiError(result.error)
@@ -163,6 +168,8 @@ class ExecSession:
             finally:
                 close_quietly(in_r, out_w, err_w)
         self.state.phase = Phase.RUNNING
+        if self.req.timeout is not None:
+            self.deadline = Deadline(self._process, self.req.timeout)
         if self._cancelled:  # DELETE arrived while the spawn was in flight
             self._process.kill_group()
         if self._on_started is not None:
@@ -222,7 +229,10 @@ class ExecSession:
     # -- pumps --------------------------------------------------------------------------------------
     async def _pump_out(self, reader: OutputReader, sock: _Socket) -> None:
         while data := await reader.read():
+            self.bytes_out += len(data)
             self._count_out(len(data))
+            if self.recorder is not None:
+                self.recorder.output(data)
             await sock.send(data)
         await sock.send("")
 
@@ -241,7 +251,10 @@ class ExecSession:
                         close_after = False
                     continue
                 if forwarding:
+                    self.bytes_in += len(msg)
                     self._count_in(len(msg))
+                    if self.recorder is not None:
+                        self.recorder.input(msg)
                     try:
                         await write_all(fd, msg)
                     except OSError:
@@ -278,6 +291,8 @@ class ExecSession:
             if isinstance(action, Resize) and self._pty_master is not None:
                 with contextlib.suppress(OSError):
                     set_winsize(self._pty_master, action.width, action.height)
+                if self.recorder is not None:
+                    self.recorder.resize(action.width, action.height)
             elif isinstance(action, Signal):
                 proc.signal(action.signum)
 
@@ -289,6 +304,10 @@ class ExecSession:
     async def _shutdown(self) -> None:
         """Kill what still runs, close our fds and every socket; never leaves a process behind."""
         self.state.phase = Phase.CLOSED
+        if self.deadline is not None:
+            self.deadline.cancel()
+        if self.recorder is not None:
+            self.recorder.close()
         if self._process is not None:
             if not self._exited.is_set():
                 self._process.kill_group()

@@ -92,6 +92,10 @@ class Process:
         """Send ``sig`` to the main process only. Ignored once it exited."""
         self._control({"signal": int(sig)})
 
+    def signal_group(self, sig: int) -> None:
+        """Send ``sig`` to the command's whole process group. Ignored once it exited."""
+        self._control({"signal": int(sig), "group": True})
+
     def kill_group(self) -> None:
         """SIGKILL the command's whole process group (background children too). Ignored once it exited."""
         self._control({"kill": True})

@@ -23,7 +23,8 @@ Spawn protocol (SOCK_SEQPACKET, one connection per command, one JSON object per 
   on the command and the PTY master, named in that order, once exec succeeded, or ``{"error": "..."}``
   (then closes);
 * pid1 -> agent: ``{"exit": <raw wait status>}`` when the command was reaped (then closes);
-* agent -> pid1 at any time: ``{"signal": N}`` (main process) or ``{"kill": true}`` (its process group).
+* agent -> pid1 at any time: ``{"signal": N}`` (main process; with ``"group": true`` its process group)
+  or ``{"kill": true}`` (SIGKILL to its process group).
   The agent closing the connection while the command runs SIGKILLs the command's process group.
 
 A connection may instead carry one file request, ``{"file": OP, "path": ...}`` (``files.py``), answered

@@ -253,7 +253,7 @@ class Pid1:
         if msg.get("kill"):
             kill_quietly(ex.pid, signal.SIGKILL, group=True)
         elif isinstance(msg.get("signal"), int):
-            kill_quietly(ex.pid, msg["signal"], group=False)
+            kill_quietly(ex.pid, msg["signal"], group=bool(msg.get("group")))
 
     def _agent_gone(self, ex: _Exec) -> None:
         if ex.pid and ex.reaped is None:
