@@ -195,6 +195,7 @@ class Client:
         stdout_sink: Sink | None = None,
         stderr_sink: Sink | None = None,
         timeout: float | None = None,
+        record: bool = False,
     ) -> ExecSession:
         """POST the exec, connect its websockets and start pumping. Returns the running session handle.
 
@@ -216,8 +217,11 @@ class Client:
         }
         if timeout is not None:
             body["timeout"] = timeout  # extension exec_timeout
+        if record:
+            body["record-session"] = True  # extension exec_recording
         resp = await self.post(f"/1.0/instances/{quote(instance, safe='')}/exec", body)
         session = ExecSession(self, resp.operation_id, resp.metadata["metadata"]["fds"], interactive)
+        session.recording = resp.metadata["metadata"].get("recording", "")
         try:
             await session._connect()
         except BaseException:

@@ -105,6 +105,7 @@ async def cmd_exec(c: Client, args: argparse.Namespace) -> int:
             args.name, args.command, interactive=interactive, env=_env(args.env), cwd=args.cwd or "",
             user=args.user, group=args.group, width=width, height=height, stdin=stdin,
             stdout_sink=terminal.fd_writer(1), stderr_sink=terminal.fd_writer(2), timeout=args.timeout,
+            record=args.record,
         )
         if session.has_control:  # without one, signals keep their default effect on this process
             stack.enter_context(terminal.forward_signals(
@@ -112,6 +113,8 @@ async def cmd_exec(c: Client, args: argparse.Namespace) -> int:
                 (lambda: control(session.resize(*terminal.terminal_size(1)))) if interactive and stdout_tty
                 else None))
         result = await session.wait()
+    if session.recording:
+        print(f"Recorded: {session.recording}", file=sys.stderr)
     if result.error:
         print(f"Error: {result.error}", file=sys.stderr)
         return result.return_code if result.return_code is not None and result.return_code > 0 else 1
@@ -167,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--cwd", help="working directory")
     ex.add_argument("--user", type=int, default=0, help="uid to run as")
     ex.add_argument("--group", type=int, default=0, help="gid to run as")
+    ex.add_argument("--record", action="store_true", help="keep the session as an asciicast v2 file")
     ex.add_argument("--timeout", type=float, metavar="SECONDS",
                     help="stop the command after this long (SIGTERM, SIGKILL 3 s later): exit 124")
     ex.add_argument("command", nargs="*", help=argparse.SUPPRESS)

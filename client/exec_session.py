@@ -52,6 +52,7 @@ class ExecSession:
         self.client = client
         self.operation_id = op_id
         self.interactive = interactive
+        self.recording = ""  # the asciicast file's URL, for a recorded session
         self._fds = fds
         self._ws: dict[str, ClientConnection] = {}
         self._counts = {"1": 0, "2": 0}

@@ -3,11 +3,13 @@ interactive session kept as an asciicast v2 file, served like the exec-output fi
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
 
 import pytest
 
-from tests.conftest import Broker
+from tests.conftest import BIN, Broker
 from tests.wsutil import Raw, read_stream, run
 
 pytestmark = pytest.mark.broker
@@ -45,7 +47,7 @@ async def test_interactive_session_recorded_as_asciicast(broker: Broker, c1: str
     s0 = await raw.connect(op, "0")
     await ctl.send(json.dumps({"command": "window-resize", "args": {"width": "120", "height": "40"}}))
     await s0.send(b"secret\n")
-    output = await read_stream(s0)
+    output = await asyncio.wait_for(read_stream(s0), 30)
     final = await raw.wait(op["id"])
     await s0.close()
     await ctl.close()
@@ -74,14 +76,25 @@ async def test_recording_input_on_request_and_only_for_websocket_execs(broker: B
                            **{"record-session": True, "record-stdin": True})
     ctl = await raw.connect(op, "control")
     s0 = await raw.connect(op, "0")
-    await s0.send(b"abc")
-    await read_stream(s0)
+    await s0.send(b"abc\n")  # a terminal hands over a line at a time
+    await asyncio.wait_for(read_stream(s0), 30)
     await raw.wait(op["id"])
     await s0.close()
     await ctl.close()
     with broker.http() as c:
         events = [json.loads(line) for line in c.get(op["metadata"]["recording"]).text.splitlines()[1:]]
         c.delete(op["metadata"]["recording"])
-    assert "".join(e[2] for e in events if e[1] == "i") == "abc"
+    assert "".join(e[2] for e in events if e[1] == "i") == "abc\n"
     r = await raw.post_exec(c1, {"command": ["true"], "wait-for-websocket": False, "record-session": True})
     assert r.status_code == 400 and "record-session" in r.json()["error"]
+
+
+def test_cli_record(broker: Broker, c1: str) -> None:
+    r = subprocess.run([str(BIN / "execbroker"), "exec", "-T", "--record", c1, "--", "echo", "recorded"],
+                       env=broker.env, capture_output=True, timeout=60, stdin=subprocess.DEVNULL, check=False)
+    assert r.returncode == 0 and r.stdout == b"recorded\n", r
+    url = r.stderr.decode().split("Recorded: ")[1].strip()
+    with broker.http() as c:
+        lines = c.get(url).text.splitlines()
+        c.delete(url)
+    assert json.loads(lines[0])["version"] == 2 and json.loads(lines[1])[1:] == ["o", "recorded\n"]
