@@ -22,11 +22,11 @@ from core.errors import ApiError, BadRequest, Forbidden, NotFound, Unavailable
 from core.events import Listener
 from core.execspec import parse_exec_post
 from core.identity import Identity
+from node_agent.execs import Session
 from node_agent.render import instance_url
 from node_agent.runtime.records import key as instance_key
 from node_agent.runtime.records import split_key
 from node_agent.service import NodeService, check_instance_name
-from node_agent.session import ExecSession
 
 if TYPE_CHECKING:
     from broker.admin import Admin
@@ -376,17 +376,19 @@ class Frontend:
             return info.address
         return ""
 
-    async def dial_owner(self, address: str, op_id: str, secret: str, who: Identity) -> Any:
+    async def dial_owner(self, address: str, op_id: str, secret: str, who: Identity,
+                         offset: int | None = None) -> Any:
         """The owner's exec websocket for a relay (over the member link)."""
         assert self.link is not None
         self._forwarded["websocket"]()
-        return await self.link.member_link.dial_exec_socket(address, op_id, secret, who)
+        return await self.link.member_link.dial_exec_socket(address, op_id, secret, who, offset)
 
     def precheck_relay(self, op_id: str, secret: str, who: Identity) -> bool:
         return self.remote.precheck_relay(op_id, secret, who)
 
-    def claim_websocket(self, op_id: str, secret: str, who: Identity) -> tuple[ExecSession, str]:
-        return self.local.claim_websocket(op_id, secret, who)
+    def claim_websocket(self, op_id: str, secret: str, who: Identity,
+                        offset: int | None = None) -> tuple[Session, str]:
+        return self.local.claim_websocket(op_id, secret, who, offset)
 
     # -- events -------------------------------------------------------------------------------------
     def subscribe(self, types: str | None, project: str | None) -> Listener:

@@ -112,9 +112,12 @@ class MemberLink:
             raise Unavailable(f"Cluster member {member} is unreachable: {type(exc).__name__}") from None
         return Proxied(response)
 
-    async def dial_exec_socket(self, address: str, op_id: str, secret: str, who: Identity) -> ClientConnection:
+    async def dial_exec_socket(self, address: str, op_id: str, secret: str, who: Identity,
+                               offset: int | None = None) -> ClientConnection:
         """The owner's exec websocket, opened on ``who``'s behalf; its refusal comes back as the same error."""
         url = f"wss://{address}/1.0/operations/{quote(op_id)}/websocket?secret={quote(secret)}"
+        if offset is not None:
+            url += f"&offset={offset}"
         try:
             return await connect(url, ssl=self.ssl, additional_headers=who.header(), compression=None,
                                  max_size=None, ping_interval=None, open_timeout=10, close_timeout=2)

@@ -67,6 +67,8 @@ class RemoteOps:
         if record is None or op is None:
             return False
         requestor, relayed = record
+        if op.get("metadata", {}).get("detachable"):
+            return False  # sockets come and go, with offsets: only the owner knows
         if op["status_code"] != int(Status.RUNNING):
             raise ApiError("Only running operations can be connected", 500)
         if not who.same_requestor(requestor):

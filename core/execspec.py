@@ -46,6 +46,8 @@ class ExecPost(BaseModel):
     timeout: float | None = None  # extension exec_timeout: seconds until the command is stopped
     record_session: bool = Field(False, alias="record-session")  # extension exec_recording: asciicast v2
     record_stdin: bool = Field(False, alias="record-stdin")  # ... with the input too
+    detachable: bool = False  # extension exec_detach: runs on without clients, output kept for a reattach
+    buffer_size: int | None = Field(None, alias="buffer-size")  # ... bytes kept per output stream
 
     @field_validator("timeout")
     @classmethod

@@ -20,6 +20,7 @@ from node_agent import exec_output
 from node_agent.asciicast import Recorder
 from node_agent.audit import AuditLog
 from node_agent.deadline import Deadline
+from node_agent.detached import DetachedSession
 from node_agent.fdio import close_quietly
 from node_agent.metrics import Metrics, exec_mode
 from node_agent.render import instance_url
@@ -27,6 +28,8 @@ from node_agent.runtime.instances import Instance, InstanceManager
 from node_agent.runtime.records import split_key
 from node_agent.runtime.spawn import Process, SpawnRequest
 from node_agent.session import ExecSession
+
+Session = ExecSession | DetachedSession
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,8 @@ class Execs:
         self.metrics = metrics
         self.audit = audit
         self._member = member
-        self.sessions: dict[str, ExecSession] = {}  # websocket operation id -> its session, until it ends
+        self.sessions: dict[str, Session] = {}  # websocket operation id -> its session, until it ends
+        self.replays: dict[str, DetachedSession] = {}  # ended detachable execs, until their operation expires
         self._live: dict[str, _Live] = {}  # exec operation id -> what its audit record needs, until it ends
         metrics.sessions.set_function(lambda: len(self.sessions))
         self._bytes_in = metrics.relayed_bytes.labels("in").inc
@@ -62,6 +66,8 @@ class Execs:
 
     def finished(self, op: Operation) -> None:
         session = self.sessions.pop(op.id, None)
+        if isinstance(session, DetachedSession):
+            self.replays[op.id] = session
         live = self._live.pop(op.id, None)
         if live is None:
             return
@@ -99,6 +105,10 @@ class Execs:
         inst = self._running_instance(key)
         if (post.record_session or post.record_stdin) and not post.wait_for_websocket:
             raise BadRequest("record-session needs wait-for-websocket (use record-output for a task)")
+        if post.detachable and not post.wait_for_websocket:
+            raise BadRequest("detachable needs wait-for-websocket (a task runs without clients anyway)")
+        if post.buffer_size is not None and not post.detachable:
+            raise BadRequest("buffer-size is for detachable execs only")
         env = build_environment(post.environment, inst.config, post.user or 0,
                                 lambda p: self.instances.path_exists(key, p))
         resources = {"instances": [instance_url(inst.name, inst.project)]}
@@ -113,7 +123,8 @@ class Execs:
 
     def _websocket(self, name: str, project: str, post: ExecPost, env: dict[str, str],
                    resources: dict[str, list[str]], who: Identity) -> dict[str, Any]:
-        session = ExecSession(
+        kind = DetachedSession if post.detachable else ExecSession
+        session = kind(
             post, env,
             spawn=lambda req, fds: self._spawn(name, req, fds),
             on_started=lambda: self._lifecycle("instance-exec", name, who, {"command": post.command}),
@@ -175,18 +186,29 @@ class Execs:
         self.ops.start(op, run, cancel)
         return render(op)
 
-    def claim_websocket(self, op: Operation, secret: str, who: Identity) -> tuple[ExecSession, str]:
-        """All checks of spec §4.4, before the upgrade; the caller must attach or release."""
+    def claim_websocket(self, op: Operation, secret: str, who: Identity,
+                        offset: int | None = None) -> tuple[Session, str]:
+        """All checks of spec §4.4, before the upgrade; the caller must attach or release. A detachable
+        exec's output stays readable from ``offset`` after it ended, until the operation expires."""
         if op.cls != "websocket":
             raise ApiError("Only websocket operations can be connected", 500)
-        if op.status != Status.RUNNING:
+        replay = self.replays.get(op.id)
+        if op.status != Status.RUNNING and replay is None:
             raise ApiError("Only running operations can be connected", 500)
         if not who.same_requestor(op.requestor):
             raise ApiError("Requestor mismatch", 403)
-        session = self.sessions.get(op.id)
+        session = self.sessions.get(op.id) or replay
         if session is None:
             raise ApiError("Only running operations can be connected", 500)
+        if isinstance(session, DetachedSession):
+            return session, session.claim(secret, offset)
+        if offset is not None:
+            raise BadRequest("offset is for detachable execs only")
         return session, session.claim(secret)
+
+    def expired(self, op_id: str) -> None:
+        """The operation left the registry: a detachable exec's buffers go with it."""
+        self.replays.pop(op_id, None)
 
     # -- record-output files (spec §6) ----------------------------------------------------------------
     def output_list(self, name: str) -> list[str]:

@@ -76,13 +76,14 @@ class OutputReader:
         self._exit_at: float | None = None
         set_nonblocking(fd)
 
-    async def read(self) -> bytes:
+    async def read(self, limit: int = CHUNK) -> bytes:
+        """The next bytes (at most ``limit``), b"" at EOF."""
         loop = asyncio.get_running_loop()
         while True:
             if self._exited.is_set() and self._exit_at is None:
                 self._exit_at = time.monotonic()
             try:
-                data = os.read(self.fd, _readable(self.fd))
+                data = os.read(self.fd, min(_readable(self.fd), limit))
             except BlockingIOError:
                 if self._exit_at is not None:
                     return b""

@@ -24,7 +24,7 @@ from core.filespec import PushSpec
 from core.identity import Identity
 from core.operations import Operation, OperationRegistry, Status, render
 from node_agent.audit import MAX_LIMIT, AuditLog
-from node_agent.execs import Execs
+from node_agent.execs import Execs, Session
 from node_agent.files import Download, Files
 from node_agent.metrics import Metrics
 from node_agent.render import instance_url, render_instance, render_state
@@ -32,7 +32,6 @@ from node_agent.render_images import alias_url, image_url, render_alias, render_
 from node_agent.runtime import records
 from node_agent.runtime.instances import Instance, InstanceManager
 from node_agent.server_info import render_server
-from node_agent.session import ExecSession
 
 
 def check_instance_name(name: str) -> None:
@@ -84,6 +83,7 @@ class NodeService:
             self.execs.finished(op)
 
     def _op_expired(self, op_id: str) -> None:
+        self.execs.expired(op_id)
         if self.on_op_expired is not None:
             self.on_op_expired(op_id)
 
@@ -340,9 +340,10 @@ class NodeService:
         self._op(op_id, who)
         await self.ops.cancel(op_id)
 
-    def claim_websocket(self, op_id: str, secret: str, who: Identity) -> tuple[ExecSession, str]:
+    def claim_websocket(self, op_id: str, secret: str, who: Identity,
+                        offset: int | None = None) -> tuple[Session, str]:
         """All checks of spec §4.4, before the upgrade; the caller must attach or release."""
-        return self.execs.claim_websocket(self._op(op_id, who), secret, who)
+        return self.execs.claim_websocket(self._op(op_id, who), secret, who, offset)
 
     # -- events -------------------------------------------------------------------------------------
     def subscribe(self, types: str | None, project: str | None) -> Listener:

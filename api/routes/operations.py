@@ -56,17 +56,18 @@ def register(app: FastAPI, backend: Frontend) -> None:
         who = identity(ws)
         dialing: asyncio.Future[Any] | None = None
         try:
+            offset = _offset(ws.query_params.get("offset"))
             owner = await backend.websocket_owner(op_id)
             if owner:  # another member runs it
                 if not secret:
                     raise BadRequest("Missing websocket secret")
                 if backend.precheck_relay(op_id, secret, who):  # we forwarded it: dial while upgrading
-                    dialing = asyncio.ensure_future(backend.dial_owner(owner, op_id, secret, who))
+                    dialing = asyncio.ensure_future(backend.dial_owner(owner, op_id, secret, who, offset))
                 else:  # dial first, so the owner's refusal is our refusal
                     dialing = asyncio.get_running_loop().create_future()
-                    dialing.set_result(await backend.dial_owner(owner, op_id, secret, who))
+                    dialing.set_result(await backend.dial_owner(owner, op_id, secret, who, offset))
             else:
-                session, fd = backend.claim_websocket(op_id, secret, who)
+                session, fd = backend.claim_websocket(op_id, secret, who, offset)
         except ApiError as exc:
             await ws.send_denial_response(envelope.from_exception(exc))
             return
@@ -80,6 +81,15 @@ def register(app: FastAPI, backend: Frontend) -> None:
             raise
         await session.attach(fd, WebSocketChannel(ws))
 
+
+
+def _offset(raw: str | None) -> int | None:
+    """``?offset=N`` of a reattach to a detachable exec (extension exec_detach)."""
+    if raw is None:
+        return None
+    if not raw.isdigit() or len(raw) > 20:
+        raise BadRequest(f"Invalid offset {raw[:40]!r}")
+    return int(raw)
 
 
 async def _relay_when_dialled(ws: WebSocket, dialing: asyncio.Future[Any]) -> None:
