@@ -15,6 +15,7 @@ from urllib.parse import quote
 import httpx
 
 from client import terminal
+from client.attach import cmd_attach
 from client.api import Client, ClientError, default_socket_path
 
 
@@ -90,6 +91,17 @@ async def cmd_exec(c: Client, args: argparse.Namespace) -> int:
     interactive = not args.force_noninteractive and not args.disable_stdin and (
         args.force_interactive or (stdin_tty and stdout_tty))
     width, height = terminal.terminal_size(1) if stdout_tty else (0, 0)
+    if args.detach:  # extension exec_detach: started, not joined; `execbroker attach <id>` joins it
+        body: dict[str, Any] = {"command": args.command, "wait-for-websocket": True, "interactive": interactive,
+                                "environment": _env(args.env), "width": width, "height": height,
+                                "cwd": args.cwd or "", "user": args.user, "group": args.group, "detachable": True}
+        if args.timeout is not None:
+            body["timeout"] = args.timeout
+        if args.record:
+            body["record-session"] = True
+        resp = await c.post(f"/1.0/instances/{quote(args.name, safe='')}/exec", body)
+        print(resp.operation_id)
+        return 0
     stdin = None if args.disable_stdin else terminal.read_chunks(0)
     pending: set[asyncio.Task[Any]] = set()  # keep control sends referenced until done
 
@@ -161,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("name")
     delete.add_argument("-f", "--force", action="store_true", help="stop it first if running")
 
+    at = sub.add_parser("attach", help="rejoin a detachable exec (execbroker exec --detach)")
+    at.add_argument("operation", help="its operation id")
+    at.add_argument("--from-start", action="store_true", help="replay all the output still held first")
     ex = sub.add_parser("exec", help="run a command in an instance", usage="%(prog)s [options] NAME -- CMD...")
     ex.add_argument("name")
     ex.add_argument("-t", "--force-interactive", action="store_true", help="allocate a terminal")
@@ -171,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--user", type=int, default=0, help="uid to run as")
     ex.add_argument("--group", type=int, default=0, help="gid to run as")
     ex.add_argument("--record", action="store_true", help="keep the session as an asciicast v2 file")
+    ex.add_argument("--detach", action="store_true",
+                    help="start it and print its operation id; it runs on without a client (execbroker attach)")
     ex.add_argument("--timeout", type=float, metavar="SECONDS",
                     help="stop the command after this long (SIGTERM, SIGKILL 3 s later): exit 124")
     ex.add_argument("command", nargs="*", help=argparse.SUPPRESS)
@@ -178,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 HANDLERS = {"launch": cmd_launch, "list": cmd_list, "start": cmd_state, "stop": cmd_state,
-            "freeze": cmd_state, "unfreeze": cmd_state, "delete": cmd_delete, "exec": cmd_exec}
+            "freeze": cmd_state, "unfreeze": cmd_state, "delete": cmd_delete, "exec": cmd_exec,
+            "attach": cmd_attach}
 
 
 async def _run(args: argparse.Namespace) -> int:

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection
 
-from tests.conftest import Broker
+from tests.conftest import BIN, Broker
 from tests.wsutil import Raw
 
 pytestmark = pytest.mark.broker
@@ -138,3 +141,28 @@ async def test_bad_offsets_and_plain_execs(broker: Broker, c1: str) -> None:
         await c.delete(f"/1.0/operations/{plain['id']}")
         r = await c.post(f"/1.0/instances/{c1}/exec", json={"command": ["true"], "detachable": True})
         assert r.status_code == 400 and "wait-for-websocket" in r.json()["error"]
+
+
+def test_cli_detach_and_attach(broker: Broker, c1: str, tmp_path: Path) -> None:
+    """exec --detach prints the id; attach replays; Ctrl-C (SIGINT) detaches and saves where it stopped;
+    the next attach resumes there; the last one ends with the command's exit code."""
+    env = {**broker.env, "XDG_STATE_HOME": str(tmp_path)}
+    script = "echo first; read go < /tmp/detach-go; echo second; exit 6"
+    broker.lxc("exec", c1, "--", "sh", "-c", "rm -f /tmp/detach-go; mkfifo /tmp/detach-go")
+    r = subprocess.run([str(BIN / "execbroker"), "exec", "--detach", c1, "--", "sh", "-c", script], env=env,
+                       capture_output=True, timeout=60, stdin=subprocess.DEVNULL, check=False)
+    assert r.returncode == 0, r
+    op_id = r.stdout.decode().strip()
+    attach = subprocess.Popen([str(BIN / "execbroker"), "attach", "--from-start", op_id], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert attach.stdout is not None
+    assert attach.stdout.readline() == b"first\n"
+    attach.send_signal(signal.SIGINT)
+    out, err = attach.communicate(timeout=30)
+    assert attach.returncode == 0 and b"Detached from" in err, err
+    assert json.loads((tmp_path / "execbroker" / "attach" / f"{op_id}.json").read_text()) == {"1": 6, "2": 0}
+    broker.lxc("exec", c1, "--", "sh", "-c", "echo go > /tmp/detach-go")
+    again = subprocess.run([str(BIN / "execbroker"), "attach", op_id], env=env, capture_output=True,
+                           timeout=60, stdin=subprocess.DEVNULL, check=False)
+    assert (again.returncode, again.stdout) == (6, b"second\n"), again  # resumed after "first", not again
+    broker.lxc("exec", c1, "--", "rm", "-f", "/tmp/detach-go")

@@ -29,6 +29,7 @@ from websockets.exceptions import InvalidStatus
 from core import certs
 from tests.conftest import ADMIN_GID, Broker, read_pty, wait_for
 from tests.remotes import CLIENT_UID, Remote, enable_https, issue_token
+from tests.wsutil import Raw
 
 pytestmark = [pytest.mark.broker,
               pytest.mark.skipif(shutil.which("lxc") is None, reason="lxd-client not installed (make test installs it)")]
@@ -341,3 +342,19 @@ def test_metrics_certificate_reads_metrics_only(broker: Broker, https: str, stra
                 assert c.request(method, path, content=b"{}").status_code == 403, (method, path)
     finally:
         broker.api("DELETE", f"/1.0/certificates/{fingerprint}", status=200)
+
+
+async def test_another_identity_cannot_attach(broker: Broker, remote: Remote, c1: str, https: str) -> None:
+    """A detachable exec started over the unix socket is not rejoined by a certificate (403)."""
+    raw = Raw(broker.socket)
+    op = await raw.exec_op(c1, ["sleep", "20"], detachable=True)
+    try:
+        secret = op["metadata"]["fds"]["1"]
+        ctx = _client_context((str(remote.cert), str(remote.key)))
+        with pytest.raises(InvalidStatus) as exc:
+            await ws_connect(f"wss://{https}/1.0/operations/{op['id']}/websocket?secret={secret}&offset=0", ssl=ctx)
+        assert exc.value.response.status_code == 403
+        assert json.loads(exc.value.response.body or b"{}")["error"] == "Requestor mismatch"
+    finally:
+        async with raw.client() as c:
+            await c.delete(f"/1.0/operations/{op['id']}")
