@@ -22,6 +22,8 @@ from core.errors import ApiError, Unavailable
 from core.identity import Identity
 
 CONNECT_TIMEOUT = 5.0
+STREAM_IDLE = 60.0  # seconds a relayed transfer may move nothing
+STREAMS_PER_MEMBER = 64  # relayed transfers in flight to one member
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
                         "proxy-authenticate", "proxy-authorization", "content-encoding"})
 
@@ -64,6 +66,7 @@ class MemberLink:
         self.name = name
         self.ssl = client_context(cert_path, key_path)
         self._clients: dict[str, httpx.AsyncClient] = {}
+        self._streams: dict[str, httpx.AsyncClient] = {}
 
     def _client(self, address: str) -> httpx.AsyncClient:
         client = self._clients.get(address)
@@ -73,6 +76,21 @@ class MemberLink:
                 limits=httpx.Limits(max_connections=256, max_keepalive_connections=32, keepalive_expiry=4.0),
                 headers={"User-Agent": f"execbroker-member/{self.name}"})
             self._clients[address] = client
+        return client
+
+    def _stream_client(self, address: str) -> httpx.AsyncClient:
+        """Relayed file transfers get connections of their own (long transfers never starve the calls
+        and events), a bounded number of them, and an idle bound: a transfer that moves nothing for
+        ``STREAM_IDLE`` seconds is cut."""
+        client = self._streams.get(address)
+        if client is None:
+            client = httpx.AsyncClient(
+                base_url=f"https://{address}", verify=self.ssl,
+                timeout=httpx.Timeout(STREAM_IDLE, connect=CONNECT_TIMEOUT, pool=STREAM_IDLE),
+                limits=httpx.Limits(max_connections=STREAMS_PER_MEMBER, max_keepalive_connections=8,
+                                    keepalive_expiry=4.0),
+                headers={"User-Agent": f"execbroker-member/{self.name}"})
+            self._streams[address] = client
         return client
 
     async def call(self, member: str, address: str, method: str, args: tuple[Any, ...],
@@ -103,11 +121,13 @@ class MemberLink:
                      headers: dict[str, str], body: AsyncIterator[bytes] | None, who: Identity) -> Proxied:
         """A client's request relayed as is to the owner's member listener (files: streamed both ways,
         one chunk in flight); the caller must ``aclose()`` the answer."""
-        client = self._client(address)
+        client = self._stream_client(address)
         request = client.build_request(method, path, params=params, headers={**headers, **who.header()},
                                        content=body)
         try:
             response = await client.send(request, stream=True)
+        except httpx.PoolTimeout:
+            raise Unavailable(f"Too many transfers to cluster member {member} at once; try again") from None
         except httpx.HTTPError as exc:
             raise Unavailable(f"Cluster member {member} is unreachable: {type(exc).__name__}") from None
         return Proxied(response)
@@ -131,10 +151,11 @@ class MemberLink:
             raise Unavailable(f"Cannot reach the cluster member at {address}: {exc}") from None
 
     async def forget(self, address: str) -> None:
-        client = self._clients.pop(address, None)
-        if client is not None:
-            await client.aclose()
+        for pool in (self._clients, self._streams):
+            client = pool.pop(address, None)
+            if client is not None:
+                await client.aclose()
 
     async def aclose(self) -> None:
-        for address in list(self._clients):
+        for address in {*self._clients, *self._streams}:
             await self.forget(address)

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import formatdate
+from urllib.parse import quote
 
 from core.errors import BadRequest
 
@@ -91,8 +92,21 @@ def response_headers(kind: str, uid: int, gid: int, mode: int, mtime_ns: int) ->
     """What a GET or HEAD of a path answers with, under both names (``modified`` as LXD writes it:
     ``2026-12-01 21:52:10 +0000 UTC``), and ``Last-Modified``."""
     seconds = mtime_ns // 1_000_000_000
-    modified = datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M:%S +0000 UTC")
+    try:
+        modified = datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M:%S +0000 UTC")
+    except (OverflowError, ValueError, OSError):  # an mtime past year 9999 (touch -d can set one)
+        seconds = 0
+        modified = "1970-01-01 00:00:00 +0000 UTC"
     values = {"uid": str(uid), "gid": str(gid), "mode": f"{mode & 0o7777:04o}", "type": kind, "modified": modified}
     headers = {f"{prefix}{name}": value for prefix in ("X-Incus-", "X-LXD-") for name, value in values.items()}
     headers["Last-Modified"] = formatdate(seconds, usegmt=True)
     return headers
+
+
+def content_disposition(path: str) -> str:
+    """``inline;filename=<name>`` as LXD sends it, for any name: ASCII as is, anything else (and quotes,
+    control characters) percent-encoded in ``filename*``."""
+    name = path.rstrip("/").rsplit("/", 1)[-1] or "/"
+    if name.isascii() and name.isprintable() and not any(c in name for c in '";\\'):
+        return f"inline;filename={name}"
+    return f"inline;filename*=UTF-8''{quote(name.encode('utf-8', 'surrogateescape'), safe='')}"

@@ -48,23 +48,30 @@ class Metrics:
                                   "(push, pull)", ["direction"], registry=r)
         self._scraped = _Scraped(instances, ops)
         r.register(self._scraped)
+        self._instances_only = CollectorRegistry(auto_describe=False)  # for a restricted caller
+        self._restricted = _Scraped(instances, ops, operations=False)
+        self._instances_only.register(self._restricted)
 
-    def render(self, allows: Callable[[str], bool] = lambda _project: True) -> bytes:
-        """The metrics, instance series only of the projects ``allows`` lets through."""
-        self._scraped.allows = allows  # collect() runs inside generate_latest, on this thread
-        try:
+    def render(self, allows: Callable[[str], bool] | None = None) -> bytes:
+        """The metrics; for a caller restricted to some projects (``allows``), only those projects'
+        instance series (the broker's own counters are the whole member's)."""
+        if allows is None:
             return generate_latest(self.registry)
+        self._restricted.allows = allows  # collect() runs inside generate_latest, on this thread
+        try:
+            return generate_latest(self._instances_only)
         finally:
-            self._scraped.allows = _everything
+            self._restricted.allows = _nothing
 
 
 class _Scraped:
     """What is read at scrape time: the instances' cgroups, the operations."""
 
-    def __init__(self, instances: InstanceManager, ops: OperationRegistry) -> None:
+    def __init__(self, instances: InstanceManager, ops: OperationRegistry, operations: bool = True) -> None:
         self.instances = instances
         self.ops = ops
-        self.allows: Callable[[str], bool] = _everything
+        self.operations = operations
+        self.allows: Callable[[str], bool] = _everything if operations else _nothing
 
     def describe(self) -> list[Metric]:
         return []  # nothing fixed to check names against: collected fresh each scrape
@@ -99,7 +106,8 @@ class _Scraped:
         yield from memory.values()
         yield oom
         yield procs
-        yield self._operations()
+        if self.operations:
+            yield self._operations()
 
     def _operations(self) -> Metric:
         family = GaugeMetricFamily("execbroker_operations", "Operations this member holds, by class and status",
@@ -115,6 +123,10 @@ class _Scraped:
 
 def _everything(_project: str) -> bool:
     return True
+
+
+def _nothing(_project: str) -> bool:
+    return False
 
 
 def exec_mode(post: Any) -> str:

@@ -301,7 +301,7 @@ class NodeService:
 
     def metrics_text(self, who: Identity) -> str:
         """``GET /1.0/metrics`` of this member (OpenMetrics text), instances of ``who``'s projects."""
-        return self.metrics.render(who.allows).decode()
+        return self.metrics.render(who.allows if who.restricted else None).decode()
 
     def inventory(self) -> tuple[list[str], list[str]]:
         """What this node owns, for the directory: instance keys and live operation ids."""

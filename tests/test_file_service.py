@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from core.errors import ApiError, BadRequest, Forbidden
+from node_agent.runtime import idranges
 from node_agent.runtime.instance_files import FileFailed, _take, on_rootfs
+from node_agent.runtime.pid1.server import ID_RANGE
 from node_agent.runtime.spawn import Pid1Unavailable
 
 BASE = 3_000_000  # an id range nobody uses on the test host
@@ -147,3 +149,33 @@ def test_errors_keep_their_meaning() -> None:
     with pytest.raises(BadRequest) as err2:
         _take(json.dumps({"error": "Invalid spawn request: 'argv'"}).encode(), [])
     assert "restart the instance" in err2.value.message
+
+
+def test_empty_answers_close_their_fds() -> None:
+    before = fd_count()
+    with pytest.raises(Pid1Unavailable):
+        _take(b"", [os.open("/dev/null", os.O_RDONLY), os.open("/dev/null", os.O_RDONLY)])
+    assert fd_count() == before
+
+
+def test_only_stored_files_are_moved(tmp_path: Path) -> None:
+    """A /proc or /sys file, or an unlinked one, is never written or read by the agent (its privileges
+    would apply: /proc/N/oom_score_adj)."""
+    for path in ("/proc/self/oom_score_adj", "/sys/kernel/mm/transparent_hugepage/enabled"):
+        if not os.path.exists(path):
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        with pytest.raises(Forbidden):
+            _take(_answer(fds=["file"]), [fd])
+    fd = os.memfd_create("payload")
+    with pytest.raises(Forbidden):
+        _take(_answer(fds=["file"]), [fd])
+    real = tmp_path / "f"
+    real.write_bytes(b"12345")
+    info, fd = _take(_answer(size=999, fds=["file"]), [os.open(real, os.O_RDONLY)])
+    assert fd is not None and info.size == 5  # the size the agent sees, not what pid1 said
+    os.close(fd)
+
+
+def test_pid1_id_range_is_the_runtimes() -> None:
+    assert ID_RANGE == idranges.PER_INSTANCE

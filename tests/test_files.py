@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from websockets.sync.client import unix_connect
 
-from tests.conftest import Broker
+from tests.conftest import Broker, wait_for
 
 pytestmark = pytest.mark.broker
 NAME = "files1"
@@ -279,3 +279,25 @@ def test_pylxd_files(broker: Broker, inst: str, monkeypatch: pytest.MonkeyPatch,
     (tree / "sub" / "f").write_text("deep\n")
     instance.files.recursive_put(str(tree), "/tmp/rput")
     assert inside(broker, inst, "cat /tmp/rput/sub/f; rm -r /tmp/rput") == "deep\n"
+
+
+def test_special_filesystems_and_odd_names(broker: Broker, inst: str) -> None:
+    """/proc and /sys files are refused (the agent's privileges must not apply to them); a name outside
+    latin-1 or a far-future mtime still gets a well-formed answer, and no fd is left open."""
+    pid = broker.api("GET", "/1.0")["metadata"]["environment"]["server_pid"]
+    before = len(os.listdir(f"/proc/{pid}/fd"))
+    with broker.http() as c:
+        url = f"/1.0/instances/{inst}/files"
+        r = c.post(url, params={"path": "/proc/1/oom_score_adj"}, content=b"-1000")
+        assert r.status_code == 403, r.text
+        assert c.get(url, params={"path": "/proc/self/status"}).status_code == 403
+        assert c.get(url, params={"path": "/sys/kernel/hostname"}).status_code in (403, 404)
+        inside(broker, inst, "echo x > '/tmp/文件.txt'; echo y > /run/far; touch -d @300000000000 /run/far")
+        r = c.get(url, params={"path": "/tmp/文件.txt"})
+        assert r.status_code == 200 and r.content == b"x\n", r.headers
+        assert r.headers["Content-Disposition"] == "inline;filename*=UTF-8''%E6%96%87%E4%BB%B6.txt"
+        r = c.get(url, params={"path": "/run/far"})
+        assert r.status_code == 200 and r.content == b"y\n"
+    assert inside(broker, inst, "cat /proc/1/oom_score_adj").strip() != "-1000"
+    inside(broker, inst, "rm -f '/tmp/文件.txt' /run/far")
+    wait_for(lambda: len(os.listdir(f"/proc/{pid}/fd")) <= before, 10, "the agent's fds back")

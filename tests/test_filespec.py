@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from core.errors import BadRequest
-from core.filespec import PushSpec, instance_path, parse_push, response_headers
+from core.filespec import PushSpec, content_disposition, instance_path, parse_push, response_headers
 
 
 def test_defaults_and_both_header_families() -> None:
@@ -47,3 +47,15 @@ def test_response_headers() -> None:
         assert h[prefix + "modified"] == "2025-12-01 21:53:20 +0000 UTC"
     assert h["Last-Modified"] == "Mon, 01 Dec 2025 21:53:20 GMT"
     assert response_headers("directory", 0, 0, 0o755, 0)["X-LXD-mode"] == "0755"
+
+
+def test_content_disposition_for_any_name() -> None:
+    assert content_disposition("/etc/hostname") == "inline;filename=hostname"
+    assert content_disposition("/tmp/文件.txt") == "inline;filename*=UTF-8''%E6%96%87%E4%BB%B6.txt"
+    assert content_disposition("/tmp/a\r\nb") == "inline;filename*=UTF-8''a%0D%0Ab"
+    assert content_disposition("/") == "inline;filename=/"
+
+
+def test_far_mtimes_do_not_break_the_headers() -> None:
+    h = response_headers("file", 0, 0, 0o644, 300_000_000_000 * 10**9)
+    assert h["X-LXD-modified"] == "1970-01-01 00:00:00 +0000 UTC"

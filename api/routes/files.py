@@ -3,7 +3,6 @@ owns the instance; any other member relays the request to it as is, bodies strea
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import AsyncIterator
 
@@ -15,11 +14,11 @@ from starlette.types import Scope
 from api import envelope
 from api.request import identity, project
 from broker.frontend import Frontend
-from core.filespec import instance_path, parse_push
+from core.filespec import content_disposition, instance_path, parse_push
 
 ROUTE = "/1.0/instances/{name}/files"
 PUSH_PATH = re.compile(r"/1\.0/instances/[^/]+/files")
-RELAYED_HEADERS = ("content-type", "content-length")  # and every x-lxd-* / x-incus-* header
+RELAYED_HEADERS = ("content-type", "content-length")  # of a push; and every x-lxd-* / x-incus-* header
 
 
 def is_push(scope: Scope) -> bool:
@@ -27,9 +26,9 @@ def is_push(scope: Scope) -> bool:
     return scope.get("method") == "POST" and PUSH_PATH.fullmatch(scope.get("path", "")) is not None
 
 
-def _relayed(request: Request) -> dict[str, str]:
+def _relayed(request: Request, with_body: bool) -> dict[str, str]:
     return {k: v for k, v in request.headers.items()
-            if k in RELAYED_HEADERS or k.startswith(("x-lxd-", "x-incus-"))}
+            if (with_body and k in RELAYED_HEADERS) or k.startswith(("x-lxd-", "x-incus-"))}
 
 
 async def _body(request: Request) -> AsyncIterator[bytes]:
@@ -46,11 +45,18 @@ def register(app: FastAPI, backend: Frontend) -> None:
         peer = getattr(request.state, "peer", None)
         member, address = await backend.file_owner(proj, name, local_only=getattr(peer, "listener", "") == "member")
         if member:
+            push = request.method == "POST"
+            if push:
+                parse_push(request.headers)  # a bad header is refused here, before the body crosses the link
             relayed = await backend.relay(member, address, request.method, request.url.path,
-                                          dict(request.query_params), _relayed(request),
-                                          _body(request) if request.method == "POST" else None, who)
-            return StreamingResponse(relayed.body(), status_code=relayed.status, headers=relayed.headers,
-                                     background=BackgroundTask(relayed.aclose))
+                                          dict(request.query_params), _relayed(request, push),
+                                          _body(request) if push else None, who)
+            try:
+                return StreamingResponse(relayed.body(), status_code=relayed.status, headers=relayed.headers,
+                                         background=BackgroundTask(relayed.aclose))
+            except BaseException:
+                await relayed.aclose()
+                raise
         if request.method == "POST":
             spec = parse_push(request.headers)
             await backend.local.file_push(proj, name, path, spec, _body(request), who)
@@ -60,11 +66,14 @@ def register(app: FastAPI, backend: Frontend) -> None:
             return envelope.sync()
         head = request.method == "HEAD"
         got = await backend.local.file_get(proj, name, path, who, head)
-        if got.entries is not None or (head and got.info.type == "directory"):
-            return envelope.sync(got.entries or [], headers=got.headers)
-        headers = {**got.headers, "Content-Length": str(got.size),
-                   "Content-Disposition": f"inline;filename={os.path.basename(path) or '/'}"}
-        if head:
-            return Response(headers=headers, media_type="application/octet-stream")
-        return StreamingResponse(got.chunks(), headers=headers, media_type="application/octet-stream",
-                                 background=BackgroundTask(got.close))
+        try:
+            if got.entries is not None or (head and got.info.type == "directory"):
+                return envelope.sync(got.entries or [], headers=got.headers)
+            headers = {**got.headers, "Content-Length": str(got.size), "Content-Disposition": content_disposition(path)}
+            if head:
+                return Response(headers=headers, media_type="application/octet-stream")
+            return StreamingResponse(got.chunks(), headers=headers, media_type="application/octet-stream",
+                                     background=BackgroundTask(got.close))
+        except BaseException:
+            got.close()  # the response never started: its file is ours to close
+            raise

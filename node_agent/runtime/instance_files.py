@@ -7,12 +7,13 @@ ids translated through the instance's range, and nothing owned outside that rang
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
 import posixpath
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,12 @@ from node_agent.runtime.spawn import MAX_ERROR, Pid1Unavailable, ask
 
 ID_COUNT = idranges.PER_INSTANCE  # ids an instance maps
 OVERFLOW_ID = 65534  # what an unmapped id reads as inside (the kernel's overflowuid)
+# Filesystems whose files are the instance's data (statfs(2) magic numbers): ext2/3/4, xfs, btrfs, overlay,
+# tmpfs, zfs, f2fs, bcachefs, nfs, fuse is left out (a hung daemon would hang a worker thread).
+STORED_FILESYSTEMS = frozenset({0xEF53, 0x58465342, 0x9123683E, 0x794C7630, 0x01021994, 0x2FC12FC1, 0xF2F52010,
+                                0xCA451A4E, 0x6969})
+_STATFS_SIZE = 256  # struct statfs is 120 bytes on 64-bit Linux
+_libc = ctypes.CDLL(None, use_errno=True)
 KINDS = {"file": stat.S_IFREG, "directory": stat.S_IFDIR, "symlink": stat.S_IFLNK}
 
 
@@ -110,6 +117,8 @@ def on_rootfs(rootfs: Path, id_base: int | None, op: str, path: str, **args: Any
 
 def _take(reply: bytes, fds: list[int]) -> tuple[FileInfo, int | None]:
     if not reply:
+        for fd in fds:
+            os.close(fd)
         raise Pid1Unavailable()
     try:
         msg = json.loads(reply)
@@ -134,7 +143,7 @@ def _checked(msg: Any, fds: list[int]) -> tuple[FileInfo, int | None]:
     if "error" in msg:
         code = msg.get("errno")
         text = str(msg["error"])[:MAX_ERROR]
-        if "Invalid spawn request" in text:  # a pid1 from before the file service
+        if text == "Invalid spawn request: 'argv'":  # a pid1 from before the file service
             raise BadRequest("This instance's pid1 predates the files API: restart the instance")
         raise FileFailed(text, code if isinstance(code, int) and not isinstance(code, bool) else 0)
     try:
@@ -148,9 +157,33 @@ def _checked(msg: Any, fds: list[int]) -> tuple[FileInfo, int | None]:
     if not fds:
         return info, None
     fd = fds[0]
-    if info.type == "symlink" or stat.S_IFMT(os.fstat(fd).st_mode) != KINDS[info.type]:
+    st = os.fstat(fd)
+    if info.type == "symlink" or stat.S_IFMT(st.st_mode) != KINDS[info.type]:
         raise Forbidden("The instance's pid1 answered with a file of another kind")
+    if info.type == "file":
+        _check_stored(fd, st)
+        info = replace(info, size=st.st_size)  # the size the agent sees, not what pid1 said
     return info, fd
+
+
+def _check_stored(fd: int, st: os.stat_result) -> None:
+    """The agent moves the bytes as host root: only files stored on a filesystem of the instance's own
+    (disk or tmpfs), linked in it. Never a /proc, /sys or cgroup file (the agent's privileges would apply
+    to the write: /proc/N/oom_score_adj), never an unlinked one or a memfd."""
+    kind = fs_type(fd)
+    if kind not in STORED_FILESYSTEMS:
+        raise Forbidden("Not a file stored in the instance (on /proc, /sys, a device or a special filesystem)")
+    if st.st_nlink < 1:
+        raise Forbidden("The file is not linked in the instance")
+
+
+def fs_type(fd: int) -> int:
+    """The filesystem magic of ``fd`` (fstatfs' f_type)."""
+    buf = ctypes.create_string_buffer(_STATFS_SIZE)
+    if _libc.fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 
 def _int(value: Any) -> int:

@@ -34,6 +34,7 @@ EXIT_PID1_GONE = 137
 SUN_PATH_MAX = 107
 REQUEST_BUFFER = 4 << 20  # pid1 reads requests up to this size
 REPLY_TIMEOUT = 10.0
+REPLY_BUFFER = 64 << 10  # the largest answer taken from pid1 (a file's answer holds a 4 KiB path or two)
 FD_SIZE = array.array("i").itemsize
 MAX_ERROR = 2000  # characters of pid1's refusal passed on
 
@@ -278,11 +279,16 @@ async def _recv(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[b
     while True:
         try:
             # not socket.recv_fds: it drops its flags argument, and the fds would come without close-on-exec
-            data, ancdata, _flags, _addr = sock.recvmsg(4096, socket.CMSG_SPACE(2 * FD_SIZE), socket.MSG_CMSG_CLOEXEC)
+            data, ancdata, flags, _addr = sock.recvmsg(REPLY_BUFFER, socket.CMSG_SPACE(2 * FD_SIZE),
+                                                       socket.MSG_CMSG_CLOEXEC)
             fds = array.array("i")
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds.frombytes(payload[:len(payload) - len(payload) % FD_SIZE])
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                for fd in fds:
+                    os.close(fd)
+                raise SpawnError("The instance's pid1 answered with too large a message")
             return data, list(fds)
         except BlockingIOError:
             await _ready(loop, sock, write=False)

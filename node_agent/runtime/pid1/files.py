@@ -42,11 +42,12 @@ class ContainerRoot:
     """pid1's own root: the kernel already resolves every path inside the instance; ids are as they are
     (``chown``: False for the unprivileged process driver, whose files stay the agent user's)."""
 
-    def __init__(self, chown: bool = True) -> None:
+    def __init__(self, chown: bool = True, max_id: int = (1 << 32) - 2) -> None:
         self.chown = chown
+        self.max_id = max_id  # the highest id the instance maps
 
     def open(self, path: str, flags: int, mode: int = 0o600) -> int:
-        return os.open(path, flags | os.O_CLOEXEC, mode)
+        return os.open(path, flags | os.O_CLOEXEC | os.O_NOCTTY, mode)
 
     def parent(self, path: str) -> tuple[int, str]:
         """An fd on the directory holding ``path`` (the caller closes it), and the last component."""
@@ -57,6 +58,8 @@ class ContainerRoot:
         """Refuse what the instance could not reach (nothing, here: the kernel decided already)."""
 
     def host_ids(self, uid: int, gid: int) -> tuple[int, int]:
+        if not (uid <= self.max_id and gid <= self.max_id):
+            raise FileError(f"Invalid ids {uid}:{gid}: the instance maps 0 to {self.max_id}", errno.EINVAL)
         return (uid, gid) if self.chown else (-1, -1)
 
     def instance_ids(self, st: os.stat_result) -> tuple[int, int]:
@@ -125,7 +128,8 @@ def _open(root: Any, path: str) -> tuple[dict[str, Any], int]:
             return describe(root, st, target=posixpath.normpath(posixpath.join(posixpath.dirname(path), target))), -1
         if kind is None:
             raise FileError(f"{path} is not a regular file, directory or symlink", errno.EINVAL)
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_DIRECTORY if kind == "directory" else 0)
+        flags = (os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+                 | (os.O_DIRECTORY if kind == "directory" else 0))
         fd = os.open(name, flags, dir_fd=dir_fd)
     finally:
         os.close(dir_fd)
@@ -137,31 +141,42 @@ def _open(root: Any, path: str) -> tuple[dict[str, Any], int]:
 
 
 def _write(root: Any, path: str, uid: int, gid: int, mode: int, append: bool) -> tuple[dict[str, Any], int]:
-    flags = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    flags = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
     owner = root.host_ids(max(uid, 0), max(gid, 0))  # refused before anything is made
     dir_fd, name = root.parent(path)
     try:
         fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dir_fd)
-        created = True
     except FileExistsError:
         fd = -1
-        created = False
+    try:
+        if fd >= 0:
+            try:
+                os.fchown(fd, *owner)
+                os.fchmod(fd, mode if mode >= 0 else NEW_FILE_MODE)
+            except BaseException:
+                os.close(fd)
+                os.unlink(name, dir_fd=dir_fd)  # nothing half made is left behind
+                raise
+            return describe(root, os.fstat(fd), created=True), fd
     finally:
         os.close(dir_fd)
-    if not created:  # it exists: followed if a symlink, inside the instance
-        fd = root.open(path, flags | (os.O_APPEND if append else 0))
+    # It exists (a symlink is followed, inside the instance): what it is is checked before it is opened
+    # for writing, so no device or FIFO is ever opened, even by the host on a stopped instance's rootfs.
+    probe = root.open(path, os.O_PATH)
     try:
-        st = os.fstat(fd)
+        st = os.fstat(probe)
         if not stat.S_ISREG(st.st_mode):
             raise FileError(f"{path} is not a regular file", errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL)
-        if created:
-            os.fchown(fd, *owner)
-            os.fchmod(fd, mode if mode >= 0 else NEW_FILE_MODE)
-        else:
-            root.check(st)
-            if not append:
-                os.ftruncate(fd, 0)
-        return describe(root, os.fstat(fd), created=created), fd
+        root.check(st)
+        fd = os.open(f"/proc/self/fd/{probe}", flags | (os.O_APPEND if append else 0))
+    finally:
+        os.close(probe)
+    try:
+        if os.fstat(fd).st_ino != st.st_ino:
+            raise FileError("The path changed while it was opened", errno.EAGAIN)
+        if not append:
+            os.ftruncate(fd, 0)
+        return describe(root, os.fstat(fd), created=False), fd
     except BaseException:
         os.close(fd)
         raise

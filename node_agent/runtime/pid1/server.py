@@ -28,6 +28,8 @@ from node_agent.runtime.pid1.syscalls import (
 
 SOCKET_NAME = "spawn.sock"
 READY = b"ready"
+MAX_ERROR = 2000  # characters of an error text sent back
+ID_RANGE = 65536  # ids a container maps (runtime/idranges.PER_INSTANCE)
 MAX_REQUEST = 4 << 20  # argv + env of one exec; the kernel's own limit is about 2 MiB
 FDS_SPACE = socket.CMSG_SPACE(3 * struct.calcsize("i"))
 
@@ -64,7 +66,8 @@ class Pid1:
         self.spawner = PosixSpawn()
         self.reclaimer = Reclaimer(isolated)
         # unprivileged process driver: "root" is the agent's own user, files keep its ids
-        self.file_root = files.ContainerRoot(chown=isolated or os.getuid() == 0)
+        self.file_root = files.ContainerRoot(chown=isolated or os.getuid() == 0,
+                                             max_id=ID_RANGE - 1 if isolated else (1 << 32) - 2)
 
     # ---- setup
 
@@ -280,8 +283,11 @@ class Pid1:
     def _spawn(self, ex: _Exec, data: bytes, fds: list[int]) -> None:
         try:
             msg = json.loads(data)
-            if isinstance(msg, dict) and "file" in msg:
-                return self._file(ex, msg, fds)
+        except ValueError as exc:
+            return self._refuse(ex, f"Invalid spawn request: {exc}")
+        if isinstance(msg, dict) and "file" in msg:
+            return self._file(ex, msg, fds)
+        try:
             req = Request(msg)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             return self._refuse(ex, f"Invalid spawn request: {exc}")
@@ -327,9 +333,11 @@ class Pid1:
         try:
             answer, fd = files.handle(msg, self.file_root)
         except files.FileError as exc:
-            return self._refuse(ex, str(exc), exc.code)
+            return self._refuse(ex, str(exc)[:MAX_ERROR], exc.code)
         except OSError as exc:
-            return self._refuse(ex, f"{exc.strerror}: {msg.get('path')}", exc.errno or 0)
+            return self._refuse(ex, f"{exc.strerror}: {str(msg.get('path'))[:MAX_ERROR]}", exc.errno or 0)
+        except Exception as exc:  # noqa: BLE001 - a malformed request gets an answer, never a dead pid1
+            return self._refuse(ex, f"Invalid file request: {type(exc).__name__}: {exc}"[:MAX_ERROR])
         try:
             self._send(ex, {**answer, "fds": ["file"] if fd >= 0 else []}, [fd] if fd >= 0 else None)
         finally:
