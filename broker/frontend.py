@@ -12,6 +12,7 @@ import inspect
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from broker import fanout
 from broker.cluster_link import ClusterLink
 from broker.member_link import Proxied
 from broker.members import member_json, offline_instance
@@ -20,7 +21,8 @@ from broker.remote_ops import RemoteOps
 from core import projects
 from core.errors import ApiError, BadRequest, Forbidden, NotFound, Unavailable
 from core.events import Listener
-from core.execspec import parse_exec_post
+from core.execspec import ExecPost, parse_exec_post
+from core.fanout import parse_fanout
 from core.identity import Identity
 from node_agent.execs import Session
 from node_agent.render import instance_url
@@ -262,6 +264,14 @@ class Frontend:
         if op["class"] == "websocket" and op["location"] != self.local.location:
             self.remote.forwarded_websocket(op["id"], who)
         return op
+
+    async def exec_capture(self, project: str, name: str, post: ExecPost, who: Identity, limit: int) -> dict[str, Any]:
+        """One instance's fan-out share, on its owner."""
+        return await self._on_instance(project, name, "exec_capture", post, who, limit)
+
+    async def fanout(self, project: str, body: bytes, who: Identity) -> dict[str, Any]:
+        """``POST /1.0/exec``: one command on many instances (broker/fanout.py)."""
+        return await fanout.start(self, project, parse_fanout(body), who)
 
     async def exec_output_list(self, project: str, name: str) -> list[str]:
         return await self._on_instance(project, name, "exec_output_list")

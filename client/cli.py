@@ -14,9 +14,9 @@ from urllib.parse import quote
 
 import httpx
 
-from client import terminal
-from client.attach import cmd_attach
+from client import fanout, terminal
 from client.api import Client, ClientError, default_socket_path
+from client.attach import cmd_attach
 
 
 class UsageError(Exception):
@@ -82,7 +82,28 @@ def _env(pairs: Sequence[str]) -> dict[str, str]:
     return env
 
 
+async def cmd_fanout(c: Client, args: argparse.Namespace) -> int:
+    try:
+        chosen = fanout.selector(args.all, args.select)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    body: dict[str, Any] = {"command": args.command, "selector": chosen, "concurrency": args.concurrency,
+                            "environment": _env(args.env), "cwd": args.cwd or "", "user": args.user,
+                            "group": args.group}
+    if args.timeout is not None:
+        body["timeout"] = args.timeout
+    return await fanout.run(c, body)
+
+
 async def cmd_exec(c: Client, args: argparse.Namespace) -> int:
+    if args.all or args.select:  # every instance I can see, or those whose config matches
+        if args.name:
+            args.command.insert(0, args.name)
+        if not args.command:
+            raise UsageError("exec: a command is required")
+        return await cmd_fanout(c, args)
+    if not args.name:
+        raise UsageError("exec: an instance name is required (or --all / --select KEY=VALUE)")
     if not args.command:
         raise UsageError("exec: a command is required")
     if args.force_interactive and args.force_noninteractive:
@@ -177,7 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("operation", help="its operation id")
     at.add_argument("--from-start", action="store_true", help="replay all the output still held first")
     ex = sub.add_parser("exec", help="run a command in an instance", usage="%(prog)s [options] NAME -- CMD...")
-    ex.add_argument("name")
+    ex.add_argument("name", nargs="?")
+    ex.add_argument("--all", action="store_true", help="on every running instance I can see (fan-out)")
+    ex.add_argument("--select", action="append", default=[], metavar="KEY=VALUE",
+                    help="on every running instance whose config has KEY=VALUE (repeatable; fan-out)")
+    ex.add_argument("--concurrency", type=int, default=16, help="fan-out: at most this many at once")
     ex.add_argument("-t", "--force-interactive", action="store_true", help="allocate a terminal")
     ex.add_argument("-T", "--force-noninteractive", action="store_true", help="never allocate a terminal")
     ex.add_argument("-n", "--disable-stdin", action="store_true", help="empty stdin (implies -T)")

@@ -97,7 +97,7 @@ def parse_exec_post(body: bytes) -> ExecPost:
     try:
         post = ExecPost.model_validate_json(body)
     except ValueError as exc:
-        raise BadRequest(_first_error(exc)) from None
+        raise BadRequest(first_error(exc)) from None
     if post.record_output and post.wait_for_websocket:
         raise BadRequest('Cannot use "record-output" in combination with "wait-for-websocket"')
     if post.interactive and post.record_output:
@@ -107,7 +107,7 @@ def parse_exec_post(body: bytes) -> ExecPost:
     return post
 
 
-def _first_error(exc: ValueError) -> str:
+def first_error(exc: ValueError) -> str:
     errors = getattr(exc, "errors", None)
     if callable(errors):
         first = errors()[0]

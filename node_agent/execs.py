@@ -12,11 +12,11 @@ from datetime import datetime
 from typing import Any
 
 from core import projects, timefmt
-from core.errors import ApiError, BadRequest
-from core.execspec import ExecPost, build_environment, exit_result, timed_out
+from core.errors import ApiError, BadRequest, SpawnError
+from core.execspec import ExecPost, ExitResult, build_environment, exit_result, timed_out
 from core.identity import Identity
 from core.operations import Operation, OperationRegistry, Status, render
-from node_agent import exec_output
+from node_agent import capture, exec_output
 from node_agent.asciicast import Recorder
 from node_agent.audit import AuditLog
 from node_agent.deadline import Deadline
@@ -81,10 +81,7 @@ class Execs:
             "status": op.status.text, "return": op.metadata.get("return"), "error": op.err,
             "bytes_in": session.bytes_in if session else 0, "bytes_out": session.bytes_out if session else 0,
         }
-        try:
-            self.audit.append(record)
-        except OSError as exc:
-            log.error("exec audit: cannot append to %s: %s", self.audit.path, exc)
+        self._append_audit(record)
 
     async def _spawn(self, name: str, req: SpawnRequest, fds: tuple[int, ...]) -> Process:
         started = time.perf_counter()
@@ -205,6 +202,38 @@ class Execs:
         if offset is not None:
             raise BadRequest("offset is for detachable execs only")
         return session, session.claim(secret)
+
+    async def capture(self, key: str, post: ExecPost, who: Identity, limit: int) -> dict[str, Any]:
+        """Run ``post`` (a task) on instance ``key`` to its end: the fan-out result of this instance."""
+        inst = self._running_instance(key)
+        env = build_environment(post.environment, inst.config, post.user or 0,
+                                lambda p: self.instances.path_exists(key, p))
+        started = timefmt.now()
+        self.metrics.execs_started.labels("fanout").inc()
+        try:
+            got = await capture.run(lambda req, fds: self._spawn(key, req, fds), post, env, limit)
+        except SpawnError as exc:
+            got = capture.Captured(ExitResult(-1, str(exc)), b"", b"", False)
+        self._lifecycle("instance-exec", key, who, {"command": post.command})
+        status = "Failure" if got.result.error else "Success"
+        self.metrics.execs_finished.labels("fanout", status.lower()).inc()
+        record = {"status": status, "return": got.result.code, "error": got.result.error,
+                  "stdout": got.stdout.decode(errors="replace"), "stderr": got.stderr.decode(errors="replace"),
+                  "truncated": got.truncated, "member": self._member(),
+                  "started_at": timefmt.rfc3339(started), "ended_at": timefmt.rfc3339(timefmt.now())}
+        project, name = split_key(key)
+        self._append_audit({"operation": "", "member": self._member(), "project": project, "instance": name,
+                            "requestor": who.to_json(), "command": post.command, "mode": "fanout",
+                            "started_at": record["started_at"], "ended_at": record["ended_at"],
+                            "status": status, "return": got.result.code, "error": got.result.error,
+                            "bytes_in": 0, "bytes_out": len(got.stdout) + len(got.stderr)})
+        return record
+
+    def _append_audit(self, record: dict[str, Any]) -> None:
+        try:
+            self.audit.append(record)
+        except OSError as exc:
+            log.error("exec audit: cannot append to %s: %s", self.audit.path, exc)
 
     def expired(self, op_id: str) -> None:
         """The operation left the registry: a detachable exec's buffers go with it."""

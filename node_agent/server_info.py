@@ -16,7 +16,7 @@ API_EXTENSIONS = [
     "certificate_self_renewal", "remote_token_expiry", "projects_restrictions", "instance_all_projects",
     "file_delete", "file_append", "directory_manipulation", "file_symlinks",
     # execbroker's own (docs/architecture.md, "Beyond LXD"):
-    "exec_timeout", "exec_audit", "exec_recording", "exec_detach",
+    "exec_timeout", "exec_audit", "exec_recording", "exec_detach", "exec_fanout",
 ]
 VERSION = "0.1.0"
 

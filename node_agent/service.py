@@ -267,6 +267,10 @@ class NodeService:
         """POST /1.0/instances/{name}/exec (validated by the front end) -> the rendered operation."""
         return self.execs.start(self._key(project, name), post, who)
 
+    async def exec_capture(self, project: str, name: str, post: ExecPost, who: Identity, limit: int) -> dict[str, Any]:
+        """One instance's share of a fan-out exec: run to the end, output captured (bounded)."""
+        return await self.execs.capture(self._key(project, name), post, who, limit)
+
     def exec_output_list(self, project: str, name: str) -> list[str]:
         return self.execs.output_list(self._key(project, name))
 

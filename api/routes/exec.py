@@ -1,4 +1,5 @@
-"""Exec routes: ``POST /1.0/instances/{name}/exec`` and the record-output files (spec §3, §6)."""
+"""Exec routes: ``POST /1.0/instances/{name}/exec``, the record-output files (spec §3, §6) and the
+fan-out ``POST /1.0/exec`` (extension exec_fanout)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,14 @@ def register(app: FastAPI, backend: Frontend) -> None:
         if len(raw) > MAX_BODY:
             raise BadRequest("http: request body too large")
         return envelope.async_op(await backend.exec(where, name, raw, identity(request)))
+
+    @app.post("/1.0/exec")
+    async def fanout(request: Request) -> Response:  # extension exec_fanout: one command, many instances
+        where = project(request, backend)
+        raw = await request.body()
+        if len(raw) > MAX_BODY:
+            raise BadRequest("http: request body too large")
+        return envelope.async_op(await backend.fanout(where, raw, identity(request)))
 
     @app.get("/1.0/instances/{name:path}/logs/exec-output")
     async def exec_outputs(name: str, request: Request) -> Response:

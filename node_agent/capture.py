@@ -1,0 +1,69 @@
+"""One command run to completion with its output captured, bounded (a fan-out's share on one instance):
+stdin is /dev/null, the first ``limit`` bytes of stdout and stderr are kept and the rest read and
+dropped (the command never blocks on a full pipe), the timeout applies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from core.execspec import ExecPost, ExitResult, exit_result, timed_out
+from node_agent.deadline import Deadline
+from node_agent.fdio import OutputReader, close_quietly, make_pipe
+from node_agent.runtime.spawn import Process, SpawnRequest
+
+
+@dataclass
+class Captured:
+    result: ExitResult
+    stdout: bytes
+    stderr: bytes
+    truncated: bool
+
+
+async def _keep(reader: OutputReader, limit: int) -> tuple[bytes, bool]:
+    kept = bytearray()
+    more = False
+    while data := await reader.read():
+        room = limit - len(kept)
+        kept += data[:max(room, 0)]
+        more = more or len(data) > room
+    return bytes(kept), more
+
+
+async def run(spawn: Callable[[SpawnRequest, tuple[int, ...]], Awaitable[Process]], post: ExecPost,
+              env: dict[str, str], limit: int) -> Captured:
+    out_r, out_w = make_pipe()
+    err_r, err_w = make_pipe()
+    devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        req = SpawnRequest(argv=list(post.command), env=env, cwd=post.cwd or "", uid=post.user or 0,
+                           gid=post.group or 0)
+        try:
+            process = await spawn(req, (devnull, out_w, err_w))
+        finally:
+            close_quietly(devnull, out_w, err_w)
+        exited = asyncio.Event()
+        readers = [asyncio.ensure_future(_keep(OutputReader(fd, exited), limit)) for fd in (out_r, err_r)]
+        deadline = Deadline(process, post.timeout) if post.timeout is not None else None
+        try:
+            try:
+                code = await process.wait()
+            finally:
+                exited.set()
+                if deadline is not None:
+                    deadline.cancel()
+            (out, more_out), (err, more_err) = await asyncio.gather(*readers)
+        finally:
+            for task in readers:
+                task.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+            if process.returncode is None:  # cancelled: nothing outlives its request
+                process.kill_group()
+            process.close()
+    finally:
+        close_quietly(out_r, err_r)
+    result = timed_out(post.timeout) if deadline is not None and deadline.expired else exit_result(code)
+    return Captured(result, out, err, more_out or more_err)
