@@ -2,6 +2,7 @@
 
 from bench.workloads import (
     cluster,
+    detach,
     exec_latency,
     exec_rate,
     files,
@@ -16,5 +17,5 @@ from bench.workloads import (
 
 # startup and cluster are special: startup's baseline runs before the broker starts, cluster after it stops.
 WORKLOADS = [exec_latency, lxc_exec, lxc_https, throughput, keystroke, sessions, exec_rate, instances, files,
-             startup, cluster]
+             detach, startup, cluster]
 NAMES = [w.NAME for w in WORKLOADS]

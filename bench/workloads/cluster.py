@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from bench.context import Context
-from bench.harness import BIN, Row, delete_instances, ratio, summary_ms, wait_gone
+from bench.harness import BIN, Row, cpu_seconds, delete_instances, ratio, summary_ms, wait_gone
 from bench.wire import Api
 from bench.workloads.exec_latency import exec_true
 from bench.workloads.throughput import stdout_rate
@@ -48,6 +48,58 @@ def cluster_supported() -> tuple[bool, str]:
 
 def unavailable(reason: str) -> list[Row]:
     return [Row(TITLE, "forwarded/local", None, "", note=f"not available: {reason}")]
+
+
+FANOUT_INSTANCES = 100
+FANOUT_TARGET = 2.0  # x (one exec + N x the exec CPU cost over the cores)
+
+
+async def _task_exec(api: Api) -> float:
+    t0 = time.perf_counter()
+    await api.finish(await api.call("POST", "/1.0/instances/c1/exec",
+                                    {"command": ["true"], "wait-for-websocket": False}))
+    return time.perf_counter() - t0
+
+
+async def _fanout(cluster: LocalCluster, api: Api, count: int) -> Row:
+    """`true` on ``count`` instances spread over the 3 members, in one fan-out request, against one exec
+    plus ``count`` times the CPU an exec costs the agents, spread over the machine's cores."""
+    names = [f"fan{i:03d}" for i in range(count)]
+    slots = asyncio.Semaphore(8)
+
+    async def make(i: int, name: str) -> None:
+        async with slots:
+            await api.finish(await api.call("POST", f"/1.0/instances?target=node{i % 3 + 1}",
+                                            {"name": name, "source": {"type": "image", "alias": "busybox"},
+                                             "start": True}), 120)
+
+    await asyncio.gather(*(make(i, n) for i, n in enumerate(names)))
+    pids = []
+    for k in (1, 2, 3):
+        member = Api(cluster.socket(k))
+        try:
+            pids.append(int((await member.get("/1.0"))["environment"]["server_pid"]))
+        finally:
+            await member.aclose()
+    for _ in range(5):
+        await _task_exec(api)
+    one = statistics.median([await _task_exec(api) for _ in range(20)])
+    cpu0 = sum(cpu_seconds(p) for p in pids)
+    for _ in range(30):
+        await _task_exec(api)
+    cpu_per_exec = (sum(cpu_seconds(p) for p in pids) - cpu0) / 30
+    cores = os.cpu_count() or 1
+    t0 = time.perf_counter()
+    op = await api.finish(await api.call("POST", "/1.0/exec", {"command": ["true"], "instances": names,
+                                                               "concurrency": count}), 300)
+    wall = time.perf_counter() - t0
+    ok = sum(r.get("status") == "Success" for r in op["metadata"]["results"].values())
+    bound = one + count * cpu_per_exec / cores
+    r = ratio(wall, bound)
+    return Row(TITLE, f"fan-out `true` x{count}", wall * 1e3, "ms", bound * 1e3,
+               f"one exec {one * 1e3:.1f} ms + {count} x {cpu_per_exec * 1e3:.2f} ms CPU / {cores} cores",
+               r, f"<= {FANOUT_TARGET:g}x", r is not None and r <= FANOUT_TARGET,
+               f"{ok}/{count} succeeded, 3 members, concurrency {count}")
 
 
 async def _latency(api: Api, n: int) -> dict[str, float]:
@@ -137,11 +189,12 @@ async def _measure(ctx: Context, cluster: LocalCluster) -> list[Row]:
         for _ in range(ctx.n(1, 3)):
             rates_local.append(await stdout_rate(local))
             rates_fwd.append(await stdout_rate(forwarded))
+        fan = await _fanout(cluster, local, FANOUT_INSTANCES)
     finally:
         await local.aclose()
         await forwarded.aclose()
     thr_l, thr_f = statistics.median(rates_local), statistics.median(rates_fwd)
-    return [
+    return [fan, 
         Row(TITLE, "exec `true` p50, forwarded", lat_fwd["p50"], "ms", lat_local["p50"], "local (node1)",
             ratio(lat_fwd["p50"], lat_local["p50"]), note=f"n={n}; 3 nodes up in {up_s:.1f}s",
             extra={"local": lat_local, "forwarded": lat_fwd}),
