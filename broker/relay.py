@@ -5,12 +5,12 @@ binary vs text."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 
+from core.aio import first_of
 from core.channel import Channel, ChannelClosed
 
 
@@ -36,13 +36,9 @@ async def relay(client: Channel, upstream: ClientConnection) -> None:
         while (msg := await client.receive()) is not None:
             await upstream.send(msg)
 
-    tasks = [asyncio.ensure_future(down()), asyncio.ensure_future(up())]
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        await first_of(down(), up())
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
             await upstream.close()
         await client.close(close_code)

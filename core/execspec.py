@@ -23,6 +23,12 @@ TIMEOUT_GRACE = 3.0  # seconds between SIGTERM and SIGKILL of a timed-out comman
 TIMEOUT_EXIT = 124  # what coreutils' timeout returns
 
 
+def check_timeout(v: float | None) -> float | None:
+    if v is not None and not 0 < v <= MAX_TIMEOUT:
+        raise ValueError(f"must be more than 0 and at most {MAX_TIMEOUT} seconds")
+    return v
+
+
 def timed_out(seconds: float) -> ExitResult:
     """What a command stopped at its timeout ends with: exit 124 and the operation's error."""
     return ExitResult(TIMEOUT_EXIT, f"Command timed out after {seconds:g} s")
@@ -52,9 +58,7 @@ class ExecPost(BaseModel):
     @field_validator("timeout")
     @classmethod
     def _timeout(cls, v: float | None) -> float | None:
-        if v is not None and not 0 < v <= MAX_TIMEOUT:
-            raise ValueError(f"must be more than 0 and at most {MAX_TIMEOUT} seconds")
-        return v
+        return check_timeout(v)
 
     @field_validator("user", "group")
     @classmethod

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from core.errors import BadRequest
-from core.execspec import MAX_TIMEOUT, first_error
+from core.execspec import check_timeout, first_error
 
 MAX_INSTANCES = 10_000
 MAX_CONCURRENCY = 1_000
 DEFAULT_CONCURRENCY = 16
 DEFAULT_OUTPUT_LIMIT = 64 << 10
 MAX_OUTPUT_LIMIT = 1 << 20
+RANGES = {"concurrency": (1, MAX_CONCURRENCY), "output_limit": (0, MAX_OUTPUT_LIMIT)}
 
 
 class Selector(BaseModel):
@@ -43,26 +44,18 @@ class FanoutPost(BaseModel):
     group: int | None = None
     cwd: str | None = None
 
-    @field_validator("concurrency")
+    @field_validator("concurrency", "output_limit")
     @classmethod
-    def _concurrency(cls, v: int) -> int:
-        if not 1 <= v <= MAX_CONCURRENCY:
-            raise ValueError(f"must be from 1 to {MAX_CONCURRENCY}")
-        return v
-
-    @field_validator("output_limit")
-    @classmethod
-    def _output_limit(cls, v: int) -> int:
-        if not 0 <= v <= MAX_OUTPUT_LIMIT:
-            raise ValueError(f"must be from 0 to {MAX_OUTPUT_LIMIT}")
+    def _in_range(cls, v: int, info: ValidationInfo) -> int:
+        low, high = RANGES[info.field_name or ""]
+        if not low <= v <= high:
+            raise ValueError(f"must be from {low} to {high}")
         return v
 
     @field_validator("timeout")
     @classmethod
     def _timeout(cls, v: float | None) -> float | None:
-        if v is not None and not 0 < v <= MAX_TIMEOUT:
-            raise ValueError(f"must be more than 0 and at most {MAX_TIMEOUT} seconds")
-        return v
+        return check_timeout(v)
 
     def exec_body(self) -> dict[str, Any]:
         """The per-instance exec (a task whose output is captured)."""

@@ -18,16 +18,14 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from core.aio import first_of
 from core.channel import Channel
 from core.errors import ApiError, BadRequest, Forbidden, SpawnError
 from core.execspec import (
     CONTROL,
     ExecPost,
-    Resize,
-    Signal,
     exit_result,
     find_socket,
-    parse_control,
     timed_out,
 )
 from core.operations import Operation
@@ -35,16 +33,16 @@ from core.replay import ReplayBuffer, capacity_of
 from core.session_state import SessionState
 from node_agent.asciicast import Recorder
 from node_agent.deadline import Deadline
-from node_agent.fdio import CHUNK, OutputReader, close_quietly, make_pipe, write_all
+from node_agent.fdio import CHUNK, OutputReader, close_quietly, make_pipe
 from node_agent.runtime.spawn import Process, SpawnRequest
-from node_agent.session import SpawnFn, _ignore, _Socket, set_winsize
+from node_agent.session import SessionIO, SpawnFn, _ignore, _Socket
 
 log = logging.getLogger(__name__)
 
 DELIVERY_GRACE = 5.0  # after the command ended: how long attached clients get to read what is left
 
 
-class DetachedSession:
+class DetachedSession(SessionIO):
     detachable = True
 
     def __init__(self, req: ExecPost, env: dict[str, str], spawn: SpawnFn,
@@ -126,7 +124,7 @@ class DetachedSession:
             if stream is not None:
                 assert offset is not None
                 self._offsets[sock] = (stream, offset)
-                await self._first_of(self._send_from(stream, sock, offset),
+                await first_of(self._send_from(stream, sock, offset),
                                      self._take_input(sock) if self.req.interactive else self._drain(sock))
             elif fd == CONTROL:
                 await self._control(sock)
@@ -140,15 +138,6 @@ class DetachedSession:
             self._notify()  # a reader waiting for this client need not wait any more
             await sock.close()
             sock.done.set()
-
-    async def _first_of(self, *coros: Any) -> None:
-        tasks = [asyncio.ensure_future(c) for c in coros]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _send_from(self, stream: str, sock: _Socket, offset: int) -> None:
         buf = self.streams[stream]
@@ -175,16 +164,8 @@ class DetachedSession:
                     close_quietly(self._stdin_w)
                     self._stdin_w = None
                 continue
-            if target is None:
-                continue
-            self.bytes_in += len(msg)
-            self._count_in(len(msg))
-            if self.recorder is not None:
-                self.recorder.input(msg)
-            try:
-                await write_all(target, msg)
-            except OSError:
-                pass  # the command closed its input: the rest is dropped
+            if target is not None:
+                await self._feed(target, msg)
 
     async def _drain(self, sock: _Socket) -> None:
         while await sock.channel.receive() is not None:
@@ -193,14 +174,8 @@ class DetachedSession:
     async def _control(self, sock: _Socket) -> None:
         await self._started.wait()
         while (msg := await sock.channel.receive()) is not None:
-            action = parse_control(msg, self.req.interactive)
-            if isinstance(action, Resize) and self._pty_master is not None:
-                with contextlib.suppress(OSError):
-                    set_winsize(self._pty_master, action.width, action.height)
-                if self.recorder is not None:
-                    self.recorder.resize(action.width, action.height)
-            elif isinstance(action, Signal) and self._process is not None and not self._exited.is_set():
-                self._process.signal(action.signum)
+            if not self._exited.is_set():
+                self._apply_control(msg, self.req.interactive)
 
     # -- lifecycle ----------------------------------------------------------------------------------
     async def cancel(self) -> None:

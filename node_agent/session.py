@@ -66,7 +66,39 @@ def _ignore(_n: int) -> None:
     pass
 
 
-class ExecSession:
+class SessionIO:
+    """What both session kinds do with client input and control messages: count, record, deliver."""
+
+    bytes_in: int
+    recorder: Recorder | None
+    _count_in: Callable[[int], None]
+    _pty_master: int | None
+    _process: Process | None
+
+    async def _feed(self, fd: int, data: bytes) -> bool:
+        """Client input to the command; False when the command closed its end (the rest is dropped)."""
+        self.bytes_in += len(data)
+        self._count_in(len(data))
+        if self.recorder is not None:
+            self.recorder.input(data)
+        try:
+            await write_all(fd, data)
+        except OSError:
+            return False
+        return True
+
+    def _apply_control(self, msg: bytes | str, interactive: bool) -> None:
+        action = parse_control(msg, interactive)
+        if isinstance(action, Resize) and self._pty_master is not None:
+            with contextlib.suppress(OSError):
+                set_winsize(self._pty_master, action.width, action.height)
+            if self.recorder is not None:
+                self.recorder.resize(action.width, action.height)
+        elif isinstance(action, Signal) and self._process is not None:
+            self._process.signal(action.signum)
+
+
+class ExecSession(SessionIO):
     def __init__(self, req: ExecPost, env: dict[str, str], spawn: SpawnFn,
                  on_started: Callable[[], None] | None = None, count_in: Callable[[int], None] = _ignore,
                  count_out: Callable[[int], None] = _ignore) -> None:
@@ -251,14 +283,7 @@ class ExecSession:
                         close_after = False
                     continue
                 if forwarding:
-                    self.bytes_in += len(msg)
-                    self._count_in(len(msg))
-                    if self.recorder is not None:
-                        self.recorder.input(msg)
-                    try:
-                        await write_all(fd, msg)
-                    except OSError:
-                        forwarding = False  # the command closed its stdin: discard the rest
+                    forwarding = await self._feed(fd, msg)
         finally:
             if close_after:
                 close_quietly(fd)
@@ -287,14 +312,7 @@ class ExecSession:
                     log.warning("control websocket closed while the command runs: killing it")
                     proc.kill_group()
                 return
-            action = parse_control(msg, self.req.interactive)
-            if isinstance(action, Resize) and self._pty_master is not None:
-                with contextlib.suppress(OSError):
-                    set_winsize(self._pty_master, action.width, action.height)
-                if self.recorder is not None:
-                    self.recorder.resize(action.width, action.height)
-            elif isinstance(action, Signal):
-                proc.signal(action.signum)
+            self._apply_control(msg, self.req.interactive)
 
     def _spawn_task(self, coro: Awaitable[None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
