@@ -24,9 +24,7 @@ from core.errors import ApiError, BadRequest, Forbidden, SpawnError
 from core.execspec import (
     CONTROL,
     ExecPost,
-    exit_result,
     find_socket,
-    timed_out,
 )
 from core.operations import Operation
 from core.replay import ReplayBuffer, capacity_of
@@ -34,7 +32,7 @@ from core.session_state import SessionState
 from node_agent.asciicast import Recorder
 from node_agent.deadline import Deadline
 from node_agent.fdio import CHUNK, OutputReader, close_quietly, make_pipe
-from node_agent.runtime.spawn import Process, SpawnRequest
+from node_agent.runtime.spawn import Process
 from node_agent.session import SessionIO, SpawnFn, _ignore, _Socket
 
 log = logging.getLogger(__name__)
@@ -187,8 +185,7 @@ class DetachedSession(SessionIO):
         try:
             if self._cancelled:
                 return
-            code = await self._run_command()
-            result = timed_out(self.deadline.seconds) if self.deadline and self.deadline.expired else exit_result(code)
+            result = self._result(await self._run_command())
             await self._deliver()
             op.extend_metadata({"return": result.code})
             if result.error:
@@ -197,9 +194,7 @@ class DetachedSession(SessionIO):
             await self._shutdown()
 
     async def _run_command(self) -> int:
-        req = SpawnRequest(argv=list(self.req.command), env=self.env, cwd=self.req.cwd or "",
-                           uid=self.req.user or 0, gid=self.req.group or 0, pty=self.req.interactive,
-                           width=self.req.width, height=self.req.height)
+        req = self._spawn_request()
         if self.req.interactive:
             try:
                 self._process = await self._spawn(req, ())

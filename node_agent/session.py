@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 
 from core.channel import Channel, ChannelClosed
 from core.errors import ApiError, SpawnError
-from core.execspec import CONTROL, ExecPost, Resize, Signal, exit_result, parse_control, timed_out
+from core.execspec import CONTROL, ExecPost, ExitResult, Resize, Signal, exit_result, parse_control, timed_out
 from core.operations import Operation
 from core.session_state import Phase, SessionState
 from node_agent.asciicast import Recorder
@@ -69,11 +69,25 @@ def _ignore(_n: int) -> None:
 class SessionIO:
     """What both session kinds do with client input and control messages: count, record, deliver."""
 
+    req: ExecPost
+    env: dict[str, str]
     bytes_in: int
     recorder: Recorder | None
+    deadline: Deadline | None
     _count_in: Callable[[int], None]
     _pty_master: int | None
     _process: Process | None
+
+    def _spawn_request(self) -> SpawnRequest:
+        return SpawnRequest(argv=list(self.req.command), env=self.env, cwd=self.req.cwd or "",
+                            uid=self.req.user or 0, gid=self.req.group or 0, pty=self.req.interactive,
+                            width=self.req.width, height=self.req.height)
+
+    def _result(self, code: int) -> ExitResult:
+        """How the command ended: at its timeout (124), or by its exit status."""
+        if self.deadline is not None and self.deadline.expired:
+            return timed_out(self.deadline.seconds)
+        return exit_result(code)
 
     async def _feed(self, fd: int, data: bytes) -> bool:
         """Client input to the command; False when the command closed its end (the rest is dropped)."""
@@ -163,8 +177,7 @@ class ExecSession(SessionIO):
                 raise ApiError("Timed out waiting for websockets to connect") from None
             if self._cancelled:
                 return
-            code = await self._run_command()
-            result = timed_out(self.deadline.seconds) if self.deadline and self.deadline.expired else exit_result(code)
+            result = self._result(await self._run_command())
             op.extend_metadata({"return": result.code})
             if result.error:
                 raise ApiError(result.error)
@@ -172,11 +185,7 @@ class ExecSession(SessionIO):
             await self._shutdown()
 
     async def _run_command(self) -> int:
-        spawn_req = SpawnRequest(
-            argv=list(self.req.command), env=self.env, cwd=self.req.cwd or "",
-            uid=self.req.user or 0, gid=self.req.group or 0, pty=self.req.interactive,
-            width=self.req.width, height=self.req.height,
-        )
+        spawn_req = self._spawn_request()
         if self.req.interactive:  # pid1 opens the PTY inside the instance and hands us its master
             try:
                 self._process = await self._spawn(spawn_req, ())
