@@ -102,7 +102,7 @@ def parse_exec_post(body: bytes) -> ExecPost:
         post = ExecPost.model_validate_json(body)
     except ValueError as exc:
         raise BadRequest(first_error(exc)) from None
-    if post.record_output and post.wait_for_websocket:
+    if post.record_output and post.wait_for_websocket and not post.detachable:  # a detachable exec may keep both
         raise BadRequest('Cannot use "record-output" in combination with "wait-for-websocket"')
     if post.interactive and post.record_output:
         raise BadRequest('Cannot use "interactive" in combination with "record-output"')

@@ -4,7 +4,8 @@
 "concurrency", "timeout", "output-limit", "environment", "user", "group", "cwd"}``: every named instance,
 or every running instance of the project whose config has all the selector's keys and values. At most
 ``concurrency`` commands run at once across the cluster; each instance's result (status, exit code, the
-first ``output-limit`` bytes of stdout and stderr) lands in the operation's metadata as it finishes.
+first ``output-limit`` bytes of stdout and stderr; with ``record-output`` the URLs of its whole output in
+the instance's exec-output files) lands in the operation's metadata as it finishes.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class FanoutPost(BaseModel):
     concurrency: int = DEFAULT_CONCURRENCY
     timeout: float | None = None
     output_limit: int = Field(DEFAULT_OUTPUT_LIMIT, alias="output-limit")
+    record_output: bool = Field(False, alias="record-output")  # the whole output in exec-output files too
     environment: dict[str, str] | None = None
     user: int | None = None
     group: int | None = None
@@ -60,7 +62,8 @@ class FanoutPost(BaseModel):
     def exec_body(self) -> dict[str, Any]:
         """The per-instance exec (a task whose output is captured)."""
         return {"command": self.command, "environment": self.environment, "user": self.user,
-                "group": self.group, "cwd": self.cwd, "timeout": self.timeout, "wait-for-websocket": False}
+                "group": self.group, "cwd": self.cwd, "timeout": self.timeout, "wait-for-websocket": False,
+                "record-output": self.record_output}
 
 
 def parse_fanout(body: bytes) -> FanoutPost:

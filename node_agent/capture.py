@@ -23,18 +23,32 @@ class Captured:
     truncated: bool
 
 
-async def _keep(reader: OutputReader, limit: int) -> tuple[bytes, bool]:
+async def _keep(reader: OutputReader, limit: int, file: int | None) -> tuple[bytes, bool]:
     kept = bytearray()
     more = False
     while data := await reader.read():
         room = limit - len(kept)
         kept += data[:max(room, 0)]
         more = more or len(data) > room
+        if file is not None:
+            file = _tee(file, data)
     return bytes(kept), more
 
 
+def _tee(fd: int, data: bytes) -> int | None:
+    """``data`` into the record-output file; None from the first failed write on (a full disk)."""
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        return fd
+    except OSError:
+        return None
+
+
 async def run(spawn: Callable[[SpawnRequest, tuple[int, ...]], Awaitable[Process]], post: ExecPost,
-              env: dict[str, str], limit: int) -> Captured:
+              env: dict[str, str], limit: int, files: tuple[int, int] | None = None) -> Captured:
+    """``files``: where stdout and stderr also go, whole (record-output); the caller closes them."""
     out_r, out_w = make_pipe()
     err_r, err_w = make_pipe()
     devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -46,7 +60,9 @@ async def run(spawn: Callable[[SpawnRequest, tuple[int, ...]], Awaitable[Process
         finally:
             close_quietly(devnull, out_w, err_w)
         exited = asyncio.Event()
-        readers = [asyncio.ensure_future(_keep(OutputReader(fd, exited), limit)) for fd in (out_r, err_r)]
+        tees = files or (None, None)
+        readers = [asyncio.ensure_future(_keep(OutputReader(fd, exited), limit, tee))
+                   for fd, tee in zip((out_r, err_r), tees)]
         deadline = Deadline(process, post.timeout) if post.timeout is not None else None
         try:
             try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +56,7 @@ class DetachedSession(SessionIO):
         self.bytes_in = self.bytes_out = 0
         self.deadline: Deadline | None = None
         self.recorder: Recorder | None = None
+        self.outputs: dict[str, int] = {}  # stream -> its record-output file, when asked for
         self.ended = False  # the command exited and its output was read to the end
         self._spawn = spawn
         self._on_started = on_started
@@ -256,12 +258,25 @@ class DetachedSession(SessionIO):
                 self._count_out(len(data))
                 if self.recorder is not None:
                     self.recorder.output(data)
+                if stream in self.outputs:
+                    self._record_output(stream, data)
                 self.live["streams"][stream] = buf.status()
                 self._notify()
         finally:
             buf.closed = True
             self.live["streams"][stream] = buf.status()
             self._notify()
+
+    def _record_output(self, stream: str, data: bytes) -> None:
+        """The whole stream into its exec-output file (page-cache writes; on a write error, e.g. a full
+        disk, the file stops there and the session goes on)."""
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.outputs[stream], view):]
+        except OSError as exc:
+            log.warning("exec output of stream %s stopped: %s", stream, exc)
+            close_quietly(self.outputs.pop(stream))
 
     def _room(self, stream: str, buf: ReplayBuffer) -> int:
         """How much may be read without dropping what an attached client has not read yet."""
@@ -296,6 +311,8 @@ class DetachedSession(SessionIO):
         self._pty_master = self._stdin_w = None
         if self.recorder is not None:
             self.recorder.close()
+        close_quietly(*self.outputs.values())
+        self.outputs.clear()
         for fd, sock in list(self._sockets.items()):
             if self._stream_of(fd) is None:  # input and control: nothing more to do
                 await sock.close()

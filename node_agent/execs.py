@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -129,6 +130,11 @@ class Execs:
         )
         op = self.ops.create("websocket", "Executing command", resources, session.metadata(), who,
                              project=project, may_cancel=True)
+        if post.record_output and isinstance(session, DetachedSession):  # the whole output, beside the buffers
+            files = exec_output.create_files(self.instances.exec_output_dir(name), op.id)
+            session.outputs = {stream: fd for stream, (fd, _) in zip(("1", "2"), files)}
+            inst = self.instances.get(name)
+            op.extend_metadata({"output": {stream: output_url(inst, f) for stream, (_, f) in zip(("1", "2"), files)}})
         if post.record_session:
             (fd, cast), = exec_output.create_files(self.instances.exec_output_dir(name), op.id, ("cast",))
             session.recorder = Recorder(fd, post.width, post.height, post.command, env.get("TERM", ""),
@@ -210,10 +216,18 @@ class Execs:
                                 lambda p: self.instances.path_exists(key, p))
         started = timefmt.now()
         self.metrics.execs_started.labels("fanout").inc()
+        files, urls = None, None
+        if post.record_output:
+            (out, out_name), (err, err_name) = exec_output.create_files(self.instances.exec_output_dir(key),
+                                                                         str(uuid.uuid4()))
+            files, urls = (out, err), {"1": output_url(inst, out_name), "2": output_url(inst, err_name)}
         try:
-            got = await capture.run(lambda req, fds: self._spawn(key, req, fds), post, env, limit)
+            got = await capture.run(lambda req, fds: self._spawn(key, req, fds), post, env, limit, files)
         except SpawnError as exc:
             got = capture.Captured(ExitResult(-1, str(exc)), b"", b"", False)
+        finally:
+            if files is not None:
+                close_quietly(*files)
         self._lifecycle("instance-exec", key, who, {"command": post.command})
         status = "Failure" if got.result.error else "Success"
         self.metrics.execs_finished.labels("fanout", status.lower()).inc()
@@ -221,6 +235,8 @@ class Execs:
                   "stdout": got.stdout.decode(errors="replace"), "stderr": got.stderr.decode(errors="replace"),
                   "truncated": got.truncated, "member": self._member(),
                   "started_at": timefmt.rfc3339(started), "ended_at": timefmt.rfc3339(timefmt.now())}
+        if urls is not None:
+            record["output"] = urls
         project, name = split_key(key)
         self._append_audit({"operation": "", "member": self._member(), "project": project, "instance": name,
                             "requestor": who.to_json(), "command": post.command, "mode": "fanout",

@@ -166,3 +166,18 @@ def test_cli_detach_and_attach(broker: Broker, c1: str, tmp_path: Path) -> None:
                            timeout=60, stdin=subprocess.DEVNULL, check=False)
     assert (again.returncode, again.stdout) == (6, b"second\n"), again  # resumed after "first", not again
     broker.lxc("exec", c1, "--", "rm", "-f", "/tmp/detach-go")
+
+
+async def test_detachable_with_record_output_keeps_everything(broker: Broker, c1: str) -> None:
+    """Past the buffer, the whole output is still in the exec-output files when asked for."""
+    raw = Raw(broker.socket)
+    op = await raw.exec_op(c1, ["sh", "-c", "yes abc | head -c 200000; echo err >&2"], detachable=True,
+                           **{"buffer-size": 65536, "record-output": True})
+    final = await raw.wait(op["id"])
+    urls = final["metadata"]["output"]
+    assert final["metadata"]["detach"]["streams"]["1"]["earliest"] == 200000 - 65536
+    async with raw.client() as c:
+        out, err = (await c.get(urls["1"])).content, (await c.get(urls["2"])).content
+        for url in urls.values():
+            await c.delete(url)
+    assert out == (b"abc\n" * 50000)[:200000] and err == b"err\n"

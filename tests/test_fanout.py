@@ -109,3 +109,15 @@ def test_cli_all_and_select(broker: Broker, fleet: list[str]) -> None:
     r = subprocess.run([str(BIN / "execbroker"), "exec", "--all", "--", "true"], env=broker.env,
                        capture_output=True, timeout=120, stdin=subprocess.DEVNULL, check=False)
     assert r.returncode == 0 and all(n in r.stdout.decode() for n in fleet), r
+
+
+def test_full_output_to_exec_output_files(broker: Broker, fleet: list[str]) -> None:
+    final = fan(broker, {"command": ["sh", "-c", "yes z | head -c 300000"], "instances": ["fan1"],
+                         "output-limit": 10, "record-output": True})
+    r = final["metadata"]["results"]["fan1"]
+    assert r["stdout"] == "z\nz\nz\nz\nz\n" and r["truncated"]
+    with broker.http() as c:
+        whole = c.get(r["output"]["1"]).content
+        for url in r["output"].values():
+            c.delete(url)
+    assert whole == b"z\n" * 150000
