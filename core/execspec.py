@@ -116,7 +116,8 @@ def first_error(exc: ValueError) -> str:
     if callable(errors):
         first = errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
-        return f"{where}: {first['msg']}" if where else str(first["msg"])
+        message = str(first["msg"]).removeprefix("Value error, ")  # our validators' own words, as written
+        return f"{where}: {message}" if where else message
     return str(exc)
 
 

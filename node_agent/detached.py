@@ -125,7 +125,7 @@ class DetachedSession(SessionIO):
                 assert offset is not None
                 self._offsets[sock] = (stream, offset)
                 await first_of(self._send_from(stream, sock, offset),
-                                     self._take_input(sock) if self.req.interactive else self._drain(sock))
+                               self._take_input(sock) if self.req.interactive else self._drain(sock))
             elif fd == CONTROL:
                 await self._control(sock)
             else:
@@ -281,6 +281,8 @@ class DetachedSession(SessionIO):
     def _room(self, stream: str, buf: ReplayBuffer) -> int:
         """How much may be read without dropping what an attached client has not read yet."""
         behind = [buf.produced - off for of, off in self._offsets.values() if of == stream]
+        behind += [buf.produced - off for fd, off in self._claims.items()  # upgrading: held for them too
+                   if off is not None and self._stream_of(fd) == stream]
         return buf.capacity - max(behind) if behind else CHUNK
 
     async def _deliver(self) -> None:

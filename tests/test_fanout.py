@@ -83,6 +83,9 @@ def test_selector_and_a_failing_instance(broker: Broker, fleet: list[str]) -> No
     ({"command": ["true"], "instances": []}, '"instances" must name'),
     ({"command": ["true"], "instances": ["a", "a"]}, '"instances" must name'),
     ({"command": ["true"], "instances": ["fan0"], "concurrency": 0}, "concurrency"),
+    ({"command": ["true"], "instances": ["fan0"], "concurrency": 1001}, "concurrency: must be from 1 to 1000"),
+    ({"command": ["true"], "instances": ["fan0"], "output-limit": 2 << 20}, "must be from 0 to 1048576"),
+    ({"command": ["true"], "instances": ["fan0"], "timeout": 0}, "timeout"),
     ({"command": [], "instances": ["fan0"]}, "Command is required"),
     ({"command": ["true"], "selector": {"config": {"user.role": "nobody"}}}, "No running instance"),
 ])

@@ -141,6 +141,10 @@ def test_missing_paths_and_bad_headers(broker: Broker, inst: str, tmp_path: Path
         assert r.status_code == 400 and "uid" in r.json()["error"]
         r = c.post(url, params={"path": "/tmp/x"}, content=b"x", headers={"X-LXD-write": "prepend"})
         assert r.status_code == 400 and r.json()["error"] == "Bad file write mode: prepend"
+        r = c.post(url, params={"path": "/tmp/l"}, content=b"t" * 5000, headers={"X-LXD-type": "symlink"})
+        assert r.status_code == 400 and r.json()["error"] == "Symlink target too long (limit 4096 bytes)"
+        r = c.get(url, params={"path": "/" + "d" * 5000})
+        assert r.status_code == 400 and r.json()["error"] == "Invalid path argument"
         assert c.get(url).status_code == 400  # no path
         assert c.get("/1.0/instances/nope/files", params={"path": "/"}).status_code == 404
         r = c.delete(url, params={"path": "/etc"})  # a directory that is not empty
