@@ -13,6 +13,8 @@ import shlex
 import time
 from collections.abc import Sequence
 
+from node_agent.fdio import write_fully
+
 MAX_BYTES = 256 << 20
 TRUNCATED = "\r\n[execbroker: recording stopped at its size limit]\r\n"
 
@@ -57,9 +59,7 @@ class Recorder:
             self._full = True
             data = (json.dumps([round(time.monotonic() - self._start, 6), "o", TRUNCATED]) + "\n").encode()
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view):]
+            write_fully(self._fd, data)
             self._written += len(data)
         except OSError:
             self._full = True  # disk full or the like: the session goes on unrecorded

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from core.execspec import ExecPost, ExitResult, exit_result, timed_out
 from node_agent.deadline import Deadline
-from node_agent.fdio import OutputReader, close_quietly, make_pipe
+from node_agent.fdio import OutputReader, close_quietly, make_pipe, write_fully
 from node_agent.runtime.spawn import Process, SpawnRequest
 
 
@@ -38,9 +38,7 @@ async def _keep(reader: OutputReader, limit: int, file: int | None) -> tuple[byt
 def _tee(fd: int, data: bytes) -> int | None:
     """``data`` into the record-output file; None from the first failed write on (a full disk)."""
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_fully(fd, data)
         return fd
     except OSError:
         return None

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +31,7 @@ from core.replay import ReplayBuffer, capacity_of
 from core.session_state import SessionState
 from node_agent.asciicast import Recorder
 from node_agent.deadline import Deadline
-from node_agent.fdio import CHUNK, OutputReader, close_quietly, make_pipe
+from node_agent.fdio import CHUNK, OutputReader, close_quietly, make_pipe, write_fully
 from node_agent.runtime.spawn import Process
 from node_agent.session import SessionIO, SpawnFn, _ignore, _Socket
 
@@ -271,9 +270,7 @@ class DetachedSession(SessionIO):
         """The whole stream into its exec-output file (page-cache writes; on a write error, e.g. a full
         disk, the file stops there and the session goes on)."""
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self.outputs[stream], view):]
+            write_fully(self.outputs[stream], data)
         except OSError as exc:
             log.warning("exec output of stream %s stopped: %s", stream, exc)
             close_quietly(self.outputs.pop(stream))

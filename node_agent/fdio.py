@@ -98,6 +98,13 @@ class OutputReader:
             return data
 
 
+def write_fully(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Write everything to a blocking fd (a regular file): os.write may take only part of it."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 async def write_all(fd: int, data: bytes | memoryview) -> None:
     """Write everything, waiting for room; raises BrokenPipeError when the reader has gone."""
     loop = asyncio.get_running_loop()

@@ -15,6 +15,7 @@ from core.errors import ApiError, BadRequest
 from core.filespec import MAX_SYMLINK_TARGET, PushSpec, response_headers
 from core.identity import Identity
 from node_agent.execs import Lifecycle
+from node_agent.fdio import write_fully
 from node_agent.metrics import Metrics
 from node_agent.runtime.instance_files import FileInfo
 from node_agent.runtime.instances import InstanceManager
@@ -179,12 +180,6 @@ async def _copy_in(body: AsyncIterator[bytes], fd: ThreadFd, path: str, count: C
 
 async def _write(fd: ThreadFd, data: bytearray, path: str) -> None:
     try:
-        await fd.run(_write_all, data)
+        await fd.run(write_fully, data)
     except OSError as exc:
         raise ApiError(f"Failed to write {path}: {exc.strerror}", 500) from None
-
-
-def _write_all(fd: int, data: bytearray) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
