@@ -9,8 +9,8 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from core.execspec import ExecPost, ExitResult, exit_result, timed_out
-from node_agent.deadline import Deadline
+from core.execspec import ExecPost, ExitResult
+from node_agent.deadline import Deadline, outcome
 from node_agent.fdio import OutputReader, close_quietly, make_pipe, write_fully
 from node_agent.runtime.spawn import Process, SpawnRequest
 
@@ -21,18 +21,19 @@ class Captured:
     stdout: bytes
     stderr: bytes
     truncated: bool
+    produced: int = 0  # bytes of stdout and stderr in all
 
 
-async def _keep(reader: OutputReader, limit: int, file: int | None) -> tuple[bytes, bool]:
+async def _keep(reader: OutputReader, limit: int, file: int | None) -> tuple[bytes, int]:
+    """The first ``limit`` bytes, and how many there were in all."""
     kept = bytearray()
-    more = False
+    total = 0
     while data := await reader.read():
-        room = limit - len(kept)
-        kept += data[:max(room, 0)]
-        more = more or len(data) > room
+        total += len(data)
+        kept += data[:max(limit - len(kept), 0)]
         if file is not None:
             file = _tee(file, data)
-    return bytes(kept), more
+    return bytes(kept), total
 
 
 def _tee(fd: int, data: bytes) -> int | None:
@@ -69,7 +70,7 @@ async def run(spawn: Callable[[SpawnRequest, tuple[int, ...]], Awaitable[Process
                 exited.set()
                 if deadline is not None:
                     deadline.cancel()
-            (out, more_out), (err, more_err) = await asyncio.gather(*readers)
+            (out, out_total), (err, err_total) = await asyncio.gather(*readers)
         finally:
             for task in readers:
                 task.cancel()
@@ -79,5 +80,5 @@ async def run(spawn: Callable[[SpawnRequest, tuple[int, ...]], Awaitable[Process
             process.close()
     finally:
         close_quietly(out_r, err_r)
-    result = timed_out(post.timeout) if deadline is not None and deadline.expired else exit_result(code)
-    return Captured(result, out, err, more_out or more_err)
+    produced = out_total + err_total
+    return Captured(outcome(deadline, code), out, err, produced > len(out) + len(err), produced)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 
-from core.execspec import TIMEOUT_GRACE
+from core.execspec import TIMEOUT_GRACE, ExitResult, exit_result, timed_out
 from node_agent.runtime.spawn import Process
 
 
@@ -28,3 +28,10 @@ class Deadline:
     def cancel(self) -> None:
         """The command ended (or the session closes): nothing more to do."""
         self._task.cancel()
+
+
+def outcome(deadline: Deadline | None, code: int) -> ExitResult:
+    """How a command ended: stopped at its timeout (124), or by its own exit status."""
+    if deadline is not None and deadline.expired:
+        return timed_out(deadline.seconds)
+    return exit_result(code)

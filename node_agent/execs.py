@@ -14,13 +14,13 @@ from typing import Any
 
 from core import projects, timefmt
 from core.errors import ApiError, BadRequest, SpawnError
-from core.execspec import ExecPost, ExitResult, build_environment, exit_result, timed_out
+from core.execspec import ExecPost, ExitResult, build_environment
 from core.identity import Identity
 from core.operations import Operation, OperationRegistry, Status, render
 from node_agent import capture, exec_output
 from node_agent.asciicast import Recorder
 from node_agent.audit import AuditLog
-from node_agent.deadline import Deadline
+from node_agent.deadline import Deadline, outcome
 from node_agent.detached import DetachedSession
 from node_agent.fdio import close_quietly
 from node_agent.metrics import Metrics, exec_mode
@@ -74,15 +74,23 @@ class Execs:
             return
         result = {Status.SUCCESS: "success", Status.CANCELLED: "cancelled"}.get(op.status, "failure")
         self.metrics.execs_finished.labels(live.mode, result).inc()
+        self._audit(op.id, live, op.status.text, op.metadata.get("return"), op.err,
+                    session.bytes_in if session else 0, session.bytes_out if session else 0)
+
+    def _audit(self, op_id: str, live: _Live, status: str, code: Any, error: str, bytes_in: int,
+               bytes_out: int) -> None:
+        """The exec's line in this member's audit log (exec_audit)."""
         project, name = split_key(live.key)
         record = {
-            "operation": op.id, "member": self._member(), "project": project, "instance": name,
+            "operation": op_id, "member": self._member(), "project": project, "instance": name,
             "requestor": live.who.to_json(), "command": live.post.command, "mode": live.mode,
             "started_at": timefmt.rfc3339(live.started_at), "ended_at": timefmt.rfc3339(timefmt.now()),
-            "status": op.status.text, "return": op.metadata.get("return"), "error": op.err,
-            "bytes_in": session.bytes_in if session else 0, "bytes_out": session.bytes_out if session else 0,
+            "status": status, "return": code, "error": error, "bytes_in": bytes_in, "bytes_out": bytes_out,
         }
-        self._append_audit(record)
+        try:
+            self.audit.append(record)
+        except OSError as exc:
+            log.error("exec audit: cannot append to %s: %s", self.audit.path, exc)
 
     async def _spawn(self, name: str, req: SpawnRequest, fds: tuple[int, ...]) -> Process:
         started = time.perf_counter()
@@ -131,10 +139,9 @@ class Execs:
         op = self.ops.create("websocket", "Executing command", resources, session.metadata(), who,
                              project=project, may_cancel=True)
         if post.record_output and isinstance(session, DetachedSession):  # the whole output, beside the buffers
-            files = exec_output.create_files(self.instances.exec_output_dir(name), op.id)
-            session.outputs = {stream: fd for stream, (fd, _) in zip(("1", "2"), files)}
-            inst = self.instances.get(name)
-            op.extend_metadata({"output": {stream: output_url(inst, f) for stream, (_, f) in zip(("1", "2"), files)}})
+            fds, urls = self._output_files(name, self.instances.get(name), op.id)
+            session.outputs = dict(zip(("1", "2"), fds))
+            op.extend_metadata({"output": urls})
         if post.record_session:
             (fd, cast), = exec_output.create_files(self.instances.exec_output_dir(name), op.id, ("cast",))
             session.recorder = Recorder(fd, post.width, post.height, post.command, env.get("TERM", ""),
@@ -157,9 +164,7 @@ class Execs:
             meta: dict[str, Any] = {}
             try:
                 if post.record_output:
-                    directory = self.instances.exec_output_dir(name)
-                    (out, out_name), (err, err_name) = exec_output.create_files(directory, op.id)
-                    meta["output"] = {fd: output_url(inst, f) for fd, f in (("1", out_name), ("2", err_name))}
+                    (out, err), meta["output"] = self._output_files(name, inst, op.id)
                 req = SpawnRequest(argv=list(post.command), env=env, cwd=post.cwd or "",
                                    uid=post.user or 0, gid=post.group or 0)
                 try:
@@ -177,7 +182,7 @@ class Execs:
                 if deadline is not None:
                     deadline.cancel()
                 p.close()
-            result = timed_out(post.timeout) if deadline and deadline.expired else exit_result(code)
+            result = outcome(deadline, code)
             op.extend_metadata({**meta, "return": result.code})
             if result.error:
                 raise ApiError(result.error)
@@ -214,13 +219,11 @@ class Execs:
         inst = self._running_instance(key)
         env = build_environment(post.environment, inst.config, post.user or 0,
                                 lambda p: self.instances.path_exists(key, p))
-        started = timefmt.now()
+        live = _Live(key, post, who, "fanout")
         self.metrics.execs_started.labels("fanout").inc()
         files, urls = None, None
         if post.record_output:
-            (out, out_name), (err, err_name) = exec_output.create_files(self.instances.exec_output_dir(key),
-                                                                         str(uuid.uuid4()))
-            files, urls = (out, err), {"1": output_url(inst, out_name), "2": output_url(inst, err_name)}
+            files, urls = self._output_files(key, inst, str(uuid.uuid4()))
         try:
             got = await capture.run(lambda req, fds: self._spawn(key, req, fds), post, env, limit, files)
         except SpawnError as exc:
@@ -234,22 +237,17 @@ class Execs:
         record = {"status": status, "return": got.result.code, "error": got.result.error,
                   "stdout": got.stdout.decode(errors="replace"), "stderr": got.stderr.decode(errors="replace"),
                   "truncated": got.truncated, "member": self._member(),
-                  "started_at": timefmt.rfc3339(started), "ended_at": timefmt.rfc3339(timefmt.now())}
+                  "started_at": timefmt.rfc3339(live.started_at), "ended_at": timefmt.rfc3339(timefmt.now())}
         if urls is not None:
             record["output"] = urls
-        project, name = split_key(key)
-        self._append_audit({"operation": "", "member": self._member(), "project": project, "instance": name,
-                            "requestor": who.to_json(), "command": post.command, "mode": "fanout",
-                            "started_at": record["started_at"], "ended_at": record["ended_at"],
-                            "status": status, "return": got.result.code, "error": got.result.error,
-                            "bytes_in": 0, "bytes_out": len(got.stdout) + len(got.stderr)})
+        self._audit("", live, status, got.result.code, got.result.error, 0, got.produced)
         return record
 
-    def _append_audit(self, record: dict[str, Any]) -> None:
-        try:
-            self.audit.append(record)
-        except OSError as exc:
-            log.error("exec audit: cannot append to %s: %s", self.audit.path, exc)
+    def _output_files(self, key: str, inst: Instance, name: str) -> tuple[tuple[int, int], dict[str, str]]:
+        """record-output: the stdout and stderr files ``exec_<name>.*`` (fds, the caller's to close) and
+        their URLs, by stream."""
+        (out, out_name), (err, err_name) = exec_output.create_files(self.instances.exec_output_dir(key), name)
+        return (out, err), {"1": output_url(inst, out_name), "2": output_url(inst, err_name)}
 
     def expired(self, op_id: str) -> None:
         """The operation left the registry: a detachable exec's buffers go with it."""

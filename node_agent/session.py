@@ -17,11 +17,11 @@ from collections.abc import Awaitable, Callable
 
 from core.channel import Channel, ChannelClosed
 from core.errors import ApiError, SpawnError
-from core.execspec import CONTROL, ExecPost, ExitResult, Resize, Signal, exit_result, parse_control, timed_out
+from core.execspec import CONTROL, ExecPost, ExitResult, Resize, Signal, parse_control
 from core.operations import Operation
 from core.session_state import Phase, SessionState
 from node_agent.asciicast import Recorder
-from node_agent.deadline import Deadline
+from node_agent.deadline import Deadline, outcome
 from node_agent.fdio import OutputReader, close_quietly, make_pipe, write_all
 from node_agent.runtime.spawn import Process, SpawnRequest
 
@@ -84,10 +84,7 @@ class SessionIO:
                             width=self.req.width, height=self.req.height)
 
     def _result(self, code: int) -> ExitResult:
-        """How the command ended: at its timeout (124), or by its exit status."""
-        if self.deadline is not None and self.deadline.expired:
-            return timed_out(self.deadline.seconds)
-        return exit_result(code)
+        return outcome(self.deadline, code)
 
     async def _feed(self, fd: int, data: bytes) -> bool:
         """Client input to the command; False when the command closed its end (the rest is dropped)."""

@@ -73,6 +73,9 @@ def test_selector_and_a_failing_instance(broker: Broker, fleet: list[str]) -> No
             assert results[name]["status"] == "Success" and results[name]["truncated"]
             assert results[name]["stdout"] == "y\n" * 500
         assert final["metadata"]["summary"]["failed"] == 1
+        audit = [r for r in broker.api("GET", "/1.0/audit?limit=20")["metadata"] if r["mode"] == "fanout"]
+        last = {r["instance"]: r for r in audit}
+        assert last["fan0"]["bytes_out"] == 100000 and last["fan0"]["return"] == 0  # all of it, not what was kept
     finally:
         op = broker.api("PUT", "/1.0/instances/fan2/state", {"action": "start"})
         broker.wait_op(op["operation"])
