@@ -57,7 +57,7 @@ CASES = [
     ("POST", "/1.0/instances/c1/exec", b'{"command": ["sh"], "interactive": true, "width": 70000}', 400),
     ("POST", "/1.0/instances/c1/exec", b'{"command": ["sh"], "interactive": true, "height": -1}', 400),
     ("POST", "/1.0/instances/c1/exec", b"x" * ((1 << 20) + 1), 413),  # over the body limit: refused unread
-    ("GET", "/1.0/instances/c1/logs/exec-output/exec_..%2Fx.stdout", None, 404),  # no such route
+    ("GET", "/1.0/instances/c1/logs/exec-output/exec_..%2Fx.stdout", None, 400),  # one segment: a bad name (LXD)
     ("GET", "/1.0/instances/c1/logs/exec-output/%2E%2E", None, 400),
     ("DELETE", "/1.0/instances/c1/logs/exec-output/exec_nope.stdout", None, 404),
     ("PUT", "/1.0/operations", None, 501),

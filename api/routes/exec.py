@@ -37,7 +37,8 @@ def register(app: FastAPI, backend: Frontend) -> None:
     async def exec_outputs(name: str, request: Request) -> Response:
         return envelope.sync(await backend.exec_output_list(project(request, backend), name))
 
-    @app.get("/1.0/instances/{name:path}/logs/exec-output/{filename}")
+    # {filename:path}: an encoded "/" (..%2Fx) reaches the name check (400, as LXD) instead of missing the route
+    @app.get("/1.0/instances/{name:path}/logs/exec-output/{filename:path}")
     async def exec_output(name: str, filename: str, request: Request) -> Response:
         fetched = await backend.exec_output_fetch(project(request, backend), name, filename)
         headers = {"Content-Disposition": f"inline;filename={filename}"}
@@ -54,7 +55,7 @@ def register(app: FastAPI, backend: Frontend) -> None:
         return StreamingResponse(chunks(), media_type="application/octet-stream",
                                  headers={**headers, "Content-Length": str(size)})
 
-    @app.delete("/1.0/instances/{name:path}/logs/exec-output/{filename}")
+    @app.delete("/1.0/instances/{name:path}/logs/exec-output/{filename:path}")
     async def delete_exec_output(name: str, filename: str, request: Request) -> Response:
         await backend.exec_output_delete(project(request, backend), name, filename)
         return envelope.sync()
