@@ -8,12 +8,18 @@ import json
 import os
 import socket
 import time
+import uuid
+from datetime import datetime
 
 import pytest
 from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import ADMIN_GID, Broker
+from tests.conftest import ADMIN_GID, Broker, processes_mentioning, wait_for
 from tests.wsutil import Raw, read_stream, run
+
+RETENTION = 5.0  # spec §2 step 5 (Incus keeps exactly 5 s): core/operations.py OperationRegistry(retention=5.0)
+CONNECT_TIMEOUT = 10.0  # spec §5.2 [HEAD, LXD]: node_agent/session.py CONNECT_TIMEOUT
 
 pytestmark = pytest.mark.broker
 
@@ -146,13 +152,20 @@ async def test_stdout_disconnect_without_control_kills(raw: Raw, c1: str) -> Non
 
 
 async def test_delete_operation_cancels(raw: Raw, c1: str) -> None:
-    op = await raw.exec_op(c1, ["sleep", "60"])
+    """DELETE of a running exec kills its command, the whole process group (a shell and its two
+    background sleeps, found by a marker in their environment), and the operation ends Cancelled."""
+    marker = f"EB_CANCEL_{uuid.uuid4().hex}"
+    op = await raw.exec_op(c1, ["sh", "-c", "sleep 60 & sleep 60 & wait"], environment={"EB_MARK": marker})
     socks = [await raw.connect(op, fd) for fd in ("control", "0", "1", "2")]
+    await asyncio.to_thread(wait_for, lambda: len(processes_mentioning(marker)) == 3, 20,
+                            "the shell and its two sleeps running")
     async with raw.client() as c:
         r = await c.delete(f"/1.0/operations/{op['id']}")
         assert r.status_code == 200, r.text
     final = await raw.wait(op["id"])
     assert final["status"] == "Cancelled"
+    await asyncio.to_thread(wait_for, lambda: not processes_mentioning(marker), 20,
+                            "every process of the cancelled command gone")
     for ws in socks:
         await ws.close()
 
@@ -197,13 +210,22 @@ async def test_other_identity_is_refused(raw: Raw, c1: str, broker: Broker) -> N
 
 
 async def test_connect_timeout(raw: Raw, c1: str) -> None:
-    op = await raw.exec_op(c1, ["true"])
+    """Spec §5.2: with socket 0 connected but not 1 and 2, the operation fails after 10 s (not sooner),
+    the connected socket is closed, no return is set, and the command never started."""
+    marker = f"/root/connect-timeout-{uuid.uuid4().hex}"
+    posted = time.monotonic()  # the server's wait starts after this
+    op = await raw.exec_op(c1, ["touch", marker])
     s0 = await raw.connect(op, "0")
     final = await raw.wait(op["id"], 30)
+    waited = time.monotonic() - posted
     assert final["status"] == "Failure"
     assert final["err"] == "Timed out waiting for websockets to connect"
     assert "return" not in final["metadata"]
-    await s0.close()
+    assert waited >= CONNECT_TIMEOUT - 0.25, f"failed after {waited:.2f} s, before the 10 s connect window"
+    with pytest.raises(ConnectionClosed):  # the server closes what was connected
+        await asyncio.wait_for(s0.recv(), 10)
+    code, out, err, _ = await run(raw, c1, ["sh", "-c", f"test -e {marker} && echo ran || echo never-ran"])
+    assert (code, out) == (0, b"never-ran\n"), err
 
 
 @pytest.mark.parametrize("body, text", [
@@ -289,41 +311,47 @@ async def test_task_mode_return_and_missing(raw: Raw, c1: str) -> None:
 
 
 async def test_operations_list_and_retention(raw: Raw, c1: str) -> None:
-    code, _, _, op = await run(raw, c1, ["true"])
+    """A finished operation is listed and GET-able for at least 5 s after it finished (spec §2 step 5,
+    must-have 4), then gone: 404 `Operation not found`, within a few seconds more."""
+    _, _, _, op = await run(raw, c1, ["true"])
+    assert op["status"] == "Success"
+    finished = datetime.fromisoformat(op["updated_at"]).timestamp()  # its final transition (same host clock)
     async with raw.client() as c:
         listing = (await c.get("/1.0/operations")).json()["metadata"]
         assert f"/1.0/operations/{op['id']}" in listing.get("success", [])
         full = (await c.get("/1.0/operations?recursion=1")).json()["metadata"]
         assert any(o["id"] == op["id"] and o["status_code"] == 200 for o in full["success"])
-        assert (await c.get(f"/1.0/operations/{op['id']}")).status_code == 200
-
-    async def gone() -> bool:
-        async with raw.client() as c:
-            return (await c.get(f"/1.0/operations/{op['id']}")).status_code == 404
-
-    deadline = time.monotonic() + 15
-    while not await gone():
-        assert time.monotonic() < deadline, "operation still there after retention"
-        await asyncio.sleep(0.2)
-    async with raw.client() as c:
-        r = await c.get(f"/1.0/operations/{op['id']}")
-        assert r.json()["error"] == "Operation not found"
+        # Poll until it is gone; the last 200's send time is a lower bound of how long it was kept.
+        last_present = finished
+        while True:
+            sent = time.time()
+            r = await c.get(f"/1.0/operations/{op['id']}")
+            if r.status_code == 404:
+                break
+            assert r.status_code == 200 and r.json()["metadata"]["status"] == "Success", r.text
+            last_present = sent
+            assert sent < finished + RETENTION + 10, "operation still there 10 s after its retention"
+            await asyncio.sleep(0.05)
+    assert (r.json()["error_code"], r.json()["error"]) == (404, "Operation not found")
+    kept = last_present - finished
+    assert kept >= RETENTION - 0.5, f"gone {kept:.2f} s after it finished: retention must be >= 5 s"
 
 
 async def test_events_in_order(raw: Raw, c1: str, broker: Broker) -> None:
+    """Spec §2 and §7.1: an exec operation's events, every one and in order: created (Pending), started
+    (Running), `return` set (still Running), final (Success, with `return`)."""
     events = await __import__("websockets").asyncio.client.unix_connect(
         str(broker.socket), "ws://eb/1.0/events?type=operation", compression=None)
-    code, _, _, op = await run(raw, c1, ["true"])
+    _, _, _, op = await run(raw, c1, ["true"])
     seen = []
-    while True:
+    while not seen or seen[-1]["status_code"] < 200:
         ev = json.loads(await asyncio.wait_for(events.recv(), 10))
         if ev["metadata"]["id"] == op["id"]:
-            seen.append(ev["metadata"]["status"])
-            if ev["metadata"]["status_code"] >= 200:
-                assert ev["metadata"]["metadata"]["return"] == 0
-                break
-    assert seen[0] in ("Pending", "Running") and seen[-1] == "Success"
+            assert ev["type"] == "operation"
+            seen.append(ev["metadata"])
     await events.close()
+    assert [(m["status"], m["status_code"], m["metadata"].get("return")) for m in seen] == [
+        ("Pending", 105, None), ("Running", 103, None), ("Running", 103, 0), ("Success", 200, 0)]
     status, body = await raw.handshake_status("ws://eb/1.0/events?type=bogus")
     assert status == 400 and body["error"] == '"bogus" isn\'t a supported event type'
 
