@@ -195,13 +195,28 @@ async def test_host_pid(manager: InstanceManager, c1: str) -> None:
 
 
 async def test_orphans_are_reaped(manager: InstanceManager, c1: str) -> None:
+    """A command's background child outlives it: reparented to pid1, which reaps it when it dies. The
+    orphan lives until the test kills it, so neither step can race its exit (a zombie stays in its
+    parent's children list until reaped)."""
     pid1 = manager.get(c1).pid
-    assert await run(manager, c1, ["sh", "-c", "sleep 1 >/dev/null 2>&1 & echo started"]) == (0, "started\n", "")
+    code, out, err = await run(manager, c1, ["sh", "-c", "sleep 1000 >/dev/null 2>&1 & echo $!"])
+    inner = out.strip()  # the orphan's pid inside the instance
+    assert (code, err) == (0, "") and inner.isdigit(), (code, out, err)
 
     def children_of_pid1() -> list[int]:
         return [int(t) for t in open(f"/proc/{pid1}/task/{pid1}/children").read().split()]
-    assert children_of_pid1()  # the orphaned sleep, reparented to pid1
-    await async_wait_for(lambda: not children_of_pid1(), 10, "orphan reaped")
+
+    def inner_pid(host_pid: int) -> str:
+        try:
+            with open(f"/proc/{host_pid}/status") as f:
+                return next(line for line in f if line.startswith("NSpid:")).split()[-1]
+        except OSError:  # another child of pid1 that just went
+            return ""
+
+    orphan = [p for p in children_of_pid1() if inner_pid(p) == inner]
+    assert len(orphan) == 1, (children_of_pid1(), inner)  # the orphaned sleep, reparented to pid1
+    os.kill(orphan[0], signal.SIGKILL)
+    await async_wait_for(lambda: orphan[0] not in children_of_pid1(), 10, "orphan reaped by pid1")
 
 
 async def test_concurrent_spawns(manager: InstanceManager, c1: str) -> None:
