@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from websockets.asyncio.client import unix_connect
 
@@ -112,14 +113,29 @@ def test_placement_and_name_clash(cluster: Cluster) -> None:
 
 
 def test_directory_restart_loses_nothing(cluster: Cluster) -> None:
-    """Kill the directory actor: Ray restarts it empty, the agents re-register, routing still works."""
-    code = (
-        "import ray; ray.init(address='auto', namespace='execbroker', log_to_driver=False);"
-        "ray.kill(ray.get_actor('execbroker-directory'), no_restart=False)"
-    )
-    subprocess.run([sys.executable, "-c", code], env={**cluster.env, "RAY_ADDRESS": _head(cluster), "RAY_AUTH_MODE": "token"},
-                   check=True, capture_output=True, timeout=120)
+    """Kill the directory actor together with its saved member table: Ray restarts it empty, and the
+    agents alone rebuild it. The front ends cache owners, so the directory itself is asked (from a Ray
+    driver): a new incarnation, the same member table as before (nodes, addresses, instances) and an
+    operation that was running on node3 through the restart (operations are never saved)."""
     from tests.conftest import wait_for
+
+    ep1 = cluster.node(1)
+    flag = f"/tmp/directory-restart-{os.getpid()}"
+    op = ep1.api("POST", "/1.0/instances/ic/exec",
+                 {"command": ["sh", "-c", f"while [ ! -e {flag} ]; do sleep 0.1; done"]}, status=202)["metadata"]
+    assert op["location"] == "node3" and op["status"] == "Running"
+    before = _directory(cluster, op["id"])
+    assert before["ic"] == "node3" and before["ia"] == "node1", before
+    assert sorted(before["members"]) == ["node1", "node2", "node3"], before
+    _ray_driver(cluster, f"internal_kv._internal_kv_del({DIRECTORY_KV_KEY!r}); ray.kill(d, no_restart=False); print('null')")
+
+    def rebuilt() -> dict[str, Any] | None:
+        now = _directory(cluster, op["id"])
+        return now if now["epoch"] != before["epoch"] and sorted(now["members"]) == sorted(before["members"]) else None
+
+    after = wait_for(rebuilt, 90, "a new directory with every member registered again", interval=0.5)
+    assert after["members"] == before["members"]  # re-registered by the agents: the saved copy was deleted
+    assert (after["ic"], after["ia"], after["op"]) == ("node3", "node1", "node3")
 
     def routed() -> bool:
         r = cluster.node(1).api("POST", "/1.0/instances/ic/exec", {"command": ["true"]})
@@ -127,6 +143,33 @@ def test_directory_restart_loses_nothing(cluster: Cluster) -> None:
 
     wait_for(routed, 30, "exec on ic routed again after the directory restart", interval=0.5)
     assert cluster.node(2).api("GET", "/1.0/instances/ic")["metadata"]["location"] == "node3"
+    done = ep1.api("POST", "/1.0/instances/ic/exec", {"command": ["touch", flag]}, status=202)["metadata"]
+    assert ep1.wait_op(f"/1.0/operations/{done['id']}")["metadata"]["return"] == 0
+    final = cluster.node(2).wait_op(f"/1.0/operations/{op['id']}")
+    assert (final["status"], final["metadata"]["return"]) == ("Success", 0)
+
+
+DIRECTORY_KV_KEY = b"execbroker/directory-members"  # where the directory saves its member table (broker/directory.py)
+
+
+def _ray_driver(cluster: Cluster, body: str) -> Any:
+    """Run ``body`` in a Ray driver of the cluster, ``d`` being the directory actor; what it printed last, as JSON."""
+    code = ("import json, ray\nfrom ray.experimental import internal_kv\n"
+            "ray.init(address='auto', namespace='execbroker', log_to_driver=False)\n"
+            "d = ray.get_actor('execbroker-directory')\n" + body)
+    r = subprocess.run([sys.executable, "-c", code], env={**cluster.env, "RAY_ADDRESS": _head(cluster),
+                                                          "RAY_AUTH_MODE": "token"},
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _directory(cluster: Cluster, op_id: str) -> dict[str, Any]:
+    """What the directory actor itself holds: incarnation, member table, owners of ic, ia and ``op_id``."""
+    return _ray_driver(cluster, (
+        "print(json.dumps({'epoch': ray.get(d.epoch.remote()), 'members': ray.get(d.members.remote()),"
+        " 'ic': ray.get(d.locate_instance.remote('ic')), 'ia': ray.get(d.locate_instance.remote('ia')),"
+        f" 'op': ray.get(d.locate_op.remote({op_id!r}))}}))"))
 
 
 def _head(cluster: Cluster) -> str:
