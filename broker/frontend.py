@@ -88,7 +88,7 @@ class Frontend:
             pass
         if self.link is None:
             raise NotFound("Operation not found")
-        owner = self.remote.owner.get(op_id) or await self.link.locate_op(op_id)
+        owner = self.remote.owner_of(op_id) or await self.link.locate_op(op_id)
         if owner is None:
             raise NotFound("Operation not found")
         return owner
@@ -104,7 +104,7 @@ class Frontend:
             return await self.link.call(owner, method, op_id, *args, who)
         except Unavailable:
             lost = self.remote.lost(op_id, owner)
-            if lost is None or method == "cancel_operation" or not who.allows(self.remote.project.get(op_id, "")):
+            if lost is None or method == "cancel_operation" or not who.allows(self.remote.project_of(op_id)):
                 raise
             return lost
 
@@ -121,7 +121,7 @@ class Frontend:
         for op_id in self.remote.running_on(member):
             lost = self.remote.lost(op_id, member)
             if lost is not None:
-                self.local.hub.publish("operation", lost, self.remote.project.get(op_id, projects.DEFAULT),
+                self.local.hub.publish("operation", lost, self.remote.project_of(op_id, projects.DEFAULT),
                                        location=member, forwarded=True)
         for key in [k for k, m in self._owner_cache.items() if m == member]:
             del self._owner_cache[key]

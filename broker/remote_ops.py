@@ -1,11 +1,18 @@
 """What a front end remembers of the operations other members run for its clients: the owner, the last
 state seen (so a lost member's operation can still be shown, as a Failure naming it) and, for the
-websocket operations it forwarded itself, who asked and which sockets it already relays. Bounded: the
-oldest entries go first."""
+websocket operations it forwarded itself, who asked and which sockets it already relays.
+
+Bounded in entries and in bytes, the oldest going first: each entry's size is the length of its JSON,
+measured once when it is stored. An operation whose JSON is larger than ``ENTRY_BYTES`` (a fan-out's
+results, metadata as large as a client made it) is stored trimmed (``trim``): what the cache is read for
+(id, class, status, owner's location, ``fds`` and ``detachable`` for the relay precheck) and the small
+metadata values, never the large ones."""
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 from core.errors import ApiError
@@ -13,57 +20,124 @@ from core.execspec import find_socket
 from core.identity import Identity
 from core.operations import Status
 
-LIMIT = 10_000
+LIMIT = 10_000  # entries
+BYTES = 32 << 20  # JSON bytes of every entry together (10,000 typical entries are ~10 MiB)
+ENTRY_BYTES = 16 << 10  # JSON bytes of one entry; a larger operation is stored trimmed
+VALUE_BYTES = 1 << 10  # a trimmed entry keeps the metadata values (and resources) up to this size
+ERR_CHARS = 1 << 10  # and this much of its error text
+
+_KEPT = ("id", "class", "description", "created_at", "updated_at", "status", "status_code", "may_cancel",
+         "location")
+_KEPT_METADATA = ("fds", "detachable")  # what precheck_relay reads, whatever their size
+
+
+def size_of(op: dict[str, Any]) -> int:
+    """Bytes of ``op``'s JSON (ASCII-escaped, so characters are bytes)."""
+    return len(json.dumps(op, separators=(",", ":")))
+
+
+def trim(op: dict[str, Any], limit: int = ENTRY_BYTES) -> tuple[dict[str, Any], int]:
+    """``op`` as it is stored, and its size: whole when it fits in ``limit``, else without its large parts."""
+    size = size_of(op)
+    if size <= limit:
+        return op, size
+    meta: dict[str, Any] = op["metadata"] if isinstance(op.get("metadata"), dict) else {}
+    kept_meta = {k: v for k, v in meta.items() if k in _KEPT_METADATA or size_of({k: v}) <= VALUE_BYTES}
+    resources = op.get("resources")
+    small = {k: op[k] for k in _KEPT if k in op}
+    small["err"] = str(op.get("err") or "")[:ERR_CHARS]
+    small["resources"] = resources if isinstance(resources, dict) and size_of(resources) <= VALUE_BYTES else {}
+    whole = {**small, "metadata": kept_meta}
+    size = size_of(whole)
+    if size <= limit:
+        return whole, size
+    bare = {**small, "resources": {}, "metadata": {k: meta[k] for k in _KEPT_METADATA if k in meta}}
+    return bare, size_of(bare)  # only the owner's own fields are left: as small as it gets
+
+
+@dataclass
+class _Entry:
+    owner: str
+    project: str
+    op: dict[str, Any]  # last state seen
+    size: int  # of op's JSON
 
 
 class RemoteOps:
-    def __init__(self, limit: int = LIMIT) -> None:
+    def __init__(self, limit: int = LIMIT, max_bytes: int = BYTES, entry_bytes: int = ENTRY_BYTES) -> None:
         self.limit = limit
-        self.owner: OrderedDict[str, str] = OrderedDict()
-        self.project: OrderedDict[str, str] = OrderedDict()
-        self._last: OrderedDict[str, dict[str, Any]] = OrderedDict()  # last state seen, by op id
+        self.max_bytes = max_bytes
+        self.entry_bytes = entry_bytes
+        self.bytes = 0  # JSON bytes held, over every entry
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # by op id, oldest first
         self._forwarded_ws: OrderedDict[str, tuple[Identity, set[str]]] = OrderedDict()
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def owner_of(self, op_id: str) -> str | None:
+        entry = self._entries.get(op_id)
+        return entry.owner if entry is not None else None
+
+    def project_of(self, op_id: str, default: str = "") -> str:
+        entry = self._entries.get(op_id)
+        return entry.project if entry is not None else default
+
+    def last(self, op_id: str) -> dict[str, Any] | None:
+        """The last state seen of the operation, as stored (maybe trimmed)."""
+        entry = self._entries.get(op_id)
+        return entry.op if entry is not None else None
+
     def remember(self, op: dict[str, Any], owner: str, project: str) -> None:
-        self.owner[op["id"]] = owner
-        self.owner.move_to_end(op["id"])
-        self.project[op["id"]] = project
-        self.project.move_to_end(op["id"])
-        self._last[op["id"]] = op
-        self._last.move_to_end(op["id"])
+        op_id = op["id"]
+        self._drop(op_id)
+        stored, size = trim(op, self.entry_bytes)
+        self._entries[op_id] = _Entry(owner, project, stored, size)
+        self.bytes += size
         self._trim()
 
     def forwarded_websocket(self, op_id: str, who: Identity) -> None:
         """A websocket operation this member forwarded for ``who``."""
         self._forwarded_ws[op_id] = (who, set())
-        self._trim()
+        self._forwarded_ws.move_to_end(op_id)
+        while len(self._forwarded_ws) > self.limit:
+            self._forwarded_ws.popitem(last=False)
+
+    def _drop(self, op_id: str) -> None:
+        entry = self._entries.pop(op_id, None)
+        if entry is not None:
+            self.bytes -= entry.size
 
     def _trim(self) -> None:
-        for cache in (self.owner, self.project, self._last, self._forwarded_ws):
-            while len(cache) > self.limit:
-                cache.popitem(last=False)
+        while self._entries and (len(self._entries) > self.limit or self.bytes > self.max_bytes):
+            op_id, entry = self._entries.popitem(last=False)
+            self.bytes -= entry.size
+            self._forwarded_ws.pop(op_id, None)  # its precheck needs the state: the owner checks instead
 
     def lost(self, op_id: str, owner: str) -> dict[str, Any] | None:
         """The last known state of an operation of a lost member, as a Failure naming the member."""
-        op = self._last.get(op_id)
-        if op is None:
+        entry = self._entries.get(op_id)
+        if entry is None:
             return None
+        op = entry.op
         if op["status_code"] < 200:
             op = {**op, "status": Status.FAILURE.text, "status_code": int(Status.FAILURE),
                   "err": f"Cluster member {owner} was lost", "may_cancel": False}
-            self._last[op_id] = op
+            size = size_of(op)
+            self.bytes += size - entry.size
+            entry.op, entry.size = op, size
         return op
 
     def running_on(self, member: str) -> list[str]:
         """Operations of ``member`` last seen unfinished."""
-        return [op_id for op_id, owner in self.owner.items()
-                if owner == member and op_id in self._last and self._last[op_id]["status_code"] < 200]
+        return [op_id for op_id, entry in self._entries.items()
+                if entry.owner == member and entry.op["status_code"] < 200]
 
     def precheck_relay(self, op_id: str, secret: str, who: Identity) -> bool:
         """For a websocket of an operation this member forwarded: the owner's checks (state, requestor,
         secret, duplicate), made here from what the forward told us, so the client is upgraded while
         the owner is dialled instead of after. False when we know too little: dial first."""
-        record, op = self._forwarded_ws.get(op_id), self._last.get(op_id)
+        record, op = self._forwarded_ws.get(op_id), self.last(op_id)
         if record is None or op is None:
             return False
         requestor, relayed = record
