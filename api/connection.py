@@ -31,6 +31,8 @@ from api.tls import TLSConnection, TLSTransport
 Listener = Literal["unix", "https", "member"]
 SEND_BUFFER = 4 << 20  # a 1 MiB output frame leaves in one send(): no partial writes, copies, wake-ups
 REQUEST_TIMEOUT = 5.0  # seconds from connect (or a request's first byte) to its complete headers
+CLOSE_GRACE = 30.0  # seconds a closed websocket's client has to read what was sent before the close frame
+CLOSE_NOW = "execbroker.close_now"  # scope extension: close the websocket at once (close_now)
 SO_PEERGROUPS = 59
 _UCRED = struct.Struct("3i")
 
@@ -160,15 +162,35 @@ class EdgeHttpProtocol(HttpToolsProtocol):
 
 
 class EdgeWebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's websocket protocol; the connection's state comes from the HTTP protocol it upgrades."""
+    """uvicorn's websocket protocol; the connection's state comes from the HTTP protocol it upgrades.
+    Routes find ``close_now`` in the scope's extensions (``closer``)."""
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)  # none when the upgrade was refused
+        if scope is not None:
+            scope["extensions"][CLOSE_NOW] = self.close_now
+
+    def close_now(self, code: int, reason: str) -> None:
+        """Close with ``code`` and ``reason``, whatever the route is doing (even waiting to send to a
+        client that reads nothing): the close frame goes after what the transport holds, and a client
+        that has not read up to it ``CLOSE_GRACE`` seconds later is cut off."""
+        with contextlib.suppress(Exception):
+            if self.handshake_complete and not self.transport.is_closing():
+                self.conn.send_close(code, reason)
+                self.transport.write(b"".join(self.conn.data_to_send()))
+        self.transport.close()
+        self.loop.call_later(CLOSE_GRACE, self.transport.abort)  # a no-op once the connection is gone
 
     def revoke(self, reason: str) -> None:
         """Close with 1008 (policy violation) and ``reason``, whatever the route is doing."""
-        with contextlib.suppress(Exception):
-            if self.handshake_complete and not self.transport.is_closing():
-                self.conn.send_close(1008, reason)
-                self.transport.write(b"".join(self.conn.data_to_send()))
-        self.transport.close()
+        self.close_now(1008, reason)
+
+
+def closer(scope: Any) -> Callable[[int, str], None] | None:
+    """The connection's ``close_now`` for a websocket route (None when not served by the edge protocol)."""
+    found: Callable[[int, str], None] | None = (scope.get("extensions") or {}).get(CLOSE_NOW)
+    return found
 
 
 class ClientConnections:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import Any
 import ray
 
 from broker.directory import DIRECTORY_NAME, make_actor
+from broker.event_outbox import EventOutbox
 from broker.member_link import MemberLink
 from core.errors import ApiError, Unavailable
 
@@ -32,7 +34,6 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "execbroker"
 PERIOD = 1.0
-EVENT_BACKLOG = 1000  # event batches queued for one peer; past that the oldest are dropped (and logged)
 
 
 def agent_name(node_id: str) -> str:
@@ -82,7 +83,7 @@ class ClusterLink:
         self.members: dict[str, MemberInfo] = {}
         self._epoch = ""
         self._events: list[tuple[str, dict[str, Any], str]] = []
-        self._outboxes: dict[str, asyncio.Queue[list[tuple[str, dict[str, Any], str]]]] = {}
+        self._outboxes: dict[str, EventOutbox] = {}  # bounded in batches and bytes (broker/event_outbox.py)
         self._senders: dict[str, asyncio.Task[None]] = {}
         self._ops_new: list[str] = []
         self._ops_gone: list[str] = []
@@ -204,22 +205,23 @@ class ClusterLink:
             self.directory.forget_ops.remote(self._ops_gone)
             self._ops_gone = []
         if self._events:
-            batch, self._events = self._events, []
-            for info in self.members.values():
-                if info.alive and info.name != self.name:
-                    self._enqueue(info.name, batch)
+            events, self._events = self._events, []
+            peers = [i.name for i in self.members.values() if i.alive and i.name != self.name]
+            batch = json.dumps(events) if peers else ""  # one JSON text for every peer
+            for member in peers:
+                self._enqueue(member, batch)
 
-    def _enqueue(self, member: str, batch: list[tuple[str, dict[str, Any], str]]) -> None:
+    def _enqueue(self, member: str, batch: str) -> None:
         outbox = self._outboxes.get(member)
         if outbox is None:
-            outbox = self._outboxes[member] = asyncio.Queue()
+            outbox = self._outboxes[member] = EventOutbox()
             self._senders[member] = asyncio.get_running_loop().create_task(self._send_events(member, outbox))
-        if outbox.qsize() >= EVENT_BACKLOG:
-            outbox.get_nowait()
-            log.warning("events for member %s dropped: it is %d batches behind", member, EVENT_BACKLOG)
-        outbox.put_nowait(batch)
+        dropped = outbox.put(batch)
+        if dropped:
+            log.warning("events for member %s dropped: %d batches (it is %d batches, %d bytes behind)",
+                        member, dropped, len(outbox), outbox.bytes)
 
-    async def _send_events(self, member: str, outbox: asyncio.Queue[list[tuple[str, dict[str, Any], str]]]) -> None:
+    async def _send_events(self, member: str, outbox: EventOutbox) -> None:
         """One ordered stream of event batches to one peer (each waits for the one before)."""
         while True:
             batch = await outbox.get()

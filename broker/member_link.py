@@ -107,8 +107,9 @@ class MemberLink:
             raise Unavailable(f"Cluster member {member} refused the call: HTTP {r.status_code}")
         return rpc.result(r.json())
 
-    async def send_events(self, member: str, address: str, batch: list[tuple[str, dict[str, Any], str]]) -> None:
-        body = json.dumps({"member": self.name, "batch": batch})
+    async def send_events(self, member: str, address: str, batch: str) -> None:
+        """One batch of events, as its JSON text (a list of [type, metadata, project])."""
+        body = f'{{"member": {json.dumps(self.name)}, "batch": {batch}}}'
         try:
             r = await self._client(address).post("/internal/v1/events", content=body,
                                                   headers={"Content-Type": "application/json"})

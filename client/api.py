@@ -53,6 +53,15 @@ class OperationError(ClientError):
         self.operation = operation
 
 
+class EventsClosed(ClientError):
+    """The server ended an events stream abnormally (a listener too slow is dropped): its close code and reason."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(code, f"Events stream closed by the server: {reason or f'code {code}'}")
+        self.code = code
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class Response:
     """A parsed sync or async envelope."""
@@ -237,7 +246,8 @@ class Client:
 
 
 class EventStream:
-    """Events as dicts (one per text frame) until the server closes; ``async with`` closes it."""
+    """Events as dicts (one per text frame) until the server closes; ``async with`` closes it. A close
+    other than a normal one (1000, 1001) raises ``EventsClosed``: events were missed."""
 
     def __init__(self, ws: ClientConnection) -> None:
         self._ws = ws
@@ -248,7 +258,9 @@ class EventStream:
     async def __anext__(self) -> dict[str, Any]:
         try:
             return json.loads(await self._ws.recv())
-        except ConnectionClosed:
+        except ConnectionClosed as exc:
+            if exc.rcvd is not None and exc.rcvd.code not in (1000, 1001):
+                raise EventsClosed(exc.rcvd.code, exc.rcvd.reason) from None
             raise StopAsyncIteration from None
 
     async def __aenter__(self) -> EventStream:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from client.api import Client
+from client.api import Client, EventsClosed
 
 FINAL = ("Success", "Failure", "Cancelled")
 
@@ -71,14 +71,18 @@ async def run(c: Client, body: dict[str, Any]) -> int:
         printer = Printer()
         printer.show(op["metadata"]["results"])
         if op["status"] not in FINAL:
-            async for event in events:
-                meta = event.get("metadata") or {}
-                if meta.get("id") != op["id"]:
-                    continue
-                op = meta
+            try:
+                async for event in events:
+                    meta = event.get("metadata") or {}
+                    if meta.get("id") != op["id"]:
+                        continue
+                    op = meta
+                    printer.show(op["metadata"]["results"])
+                    if op["status"] in FINAL:
+                        break
+            except EventsClosed:  # dropped for reading too slowly (each update is every result so far)
+                op = await c.wait_operation(op["id"])
                 printer.show(op["metadata"]["results"])
-                if op["status"] in FINAL:
-                    break
     results = op["metadata"]["results"]
     print(table(results))
     return worst(results)

@@ -106,7 +106,7 @@ async def test_hub_order_filter_and_overflow() -> None:
     hub.publish("lifecycle", {"x": 1})
     got = [json.loads(await ops.next())["metadata"]["i"] for _ in range(5)]  # type: ignore[arg-type]
     assert got == [0, 1, 2, 3, 4]
-    assert other._queue.empty()  # other project, other type
+    assert other.queued == 0  # other project, other type
     from core import events
     slow = hub.subscribe(["operation"])
     for i in range(events.QUEUE_LIMIT + 1):

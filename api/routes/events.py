@@ -1,4 +1,5 @@
-"""The events websocket ``/1.0/events`` (spec §7): a listener registered before the upgrade."""
+"""The events websocket ``/1.0/events`` (spec §7): a listener registered before the upgrade. A listener the
+hub drops for being too slow (core/events.py) closes its socket at once, with the reason."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import contextlib
 from fastapi import FastAPI, WebSocket
 
 from api import envelope
+from api.connection import closer
 from api.request import project_of
 from broker.frontend import Frontend
 from core.errors import ApiError
+from core.events import DROP_CODE
 
 
 def register(app: FastAPI, backend: Frontend) -> None:
@@ -22,6 +25,9 @@ def register(app: FastAPI, backend: Frontend) -> None:
         except ApiError as exc:
             await ws.send_denial_response(envelope.from_exception(exc))
             return
+        close_now = closer(ws.scope)
+        if close_now is not None:  # the route may be waiting on a send that the client never reads
+            listener.on_drop = lambda reason: close_now(DROP_CODE, reason)
         reader: asyncio.Future[None] | None = None
         try:  # the listener exists before the 101 goes out: no event after it is missed
             await ws.accept()
@@ -43,8 +49,10 @@ def register(app: FastAPI, backend: Frontend) -> None:
             if reader is not None:
                 reader.cancel()
             with contextlib.suppress(Exception):
-                await ws.close()
-
+                if listener.dropped:
+                    await ws.close(DROP_CODE, listener.reason)
+                else:
+                    await ws.close()
 
 
 async def _until_disconnect(ws: WebSocket) -> None:
