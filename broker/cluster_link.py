@@ -27,7 +27,7 @@ import ray
 
 from broker.directory import DIRECTORY_NAME, make_actor
 from broker.event_outbox import EventOutbox
-from broker.member_link import MemberLink
+from broker.member_link import MemberLink, Unreachable
 from core.errors import ApiError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def get_directory() -> Any:
 class ClusterLink:
     def __init__(self, name: str, node_id: str, address: str, member_link: MemberLink,
                  inventory: Callable[[], tuple[list[str], list[str]]],
-                 on_member_lost: Callable[[str], None],
+                 on_member_lost: Callable[[str, str], None],
                  on_members: Callable[[int], None] | None = None,
                  https: Callable[[], str] = lambda: "") -> None:
         self.name = name
@@ -134,8 +134,10 @@ class ClusterLink:
         for name, info in self.members.items():
             old = before.get(name)
             if not info.alive and (old is None or old.alive or old.node_id != info.node_id):
-                self._on_member_lost(name)
+                self._on_member_lost(name, "")
             if old is not None and old.address != info.address:
+                if info.alive and name != self.name:  # a new agent: what the old one ran died with it
+                    self._on_member_lost(name, f"The agent of cluster member {name} stopped")
                 await self.member_link.forget(old.address)
         peers = any(i.alive and n != self.name for n, i in self.members.items())
         if peers and not self._peers:  # a first peer: from now on it may ask about our live operations
@@ -245,7 +247,14 @@ class ClusterLink:
         info = self.member(member)
         if not info.alive:
             raise Unavailable(f"Cluster member {member} is offline")
-        return await self.member_link.call(member, info.address, method, args, timeout)
+        try:
+            return await self.member_link.call(member, info.address, method, args, timeout)
+        except Unreachable:
+            await self.refresh()  # a restarted agent listens elsewhere: its registration says where
+            fresh = self.member(member)
+            if not fresh.alive or fresh.address == info.address:
+                raise
+            return await self.member_link.call(member, fresh.address, method, args, timeout)
 
     def https_addresses(self) -> list[str]:
         """Where clients may reach the cluster: every alive member's HTTPS listener."""

@@ -33,6 +33,8 @@ from node_agent.service import NodeService, check_instance_name
 if TYPE_CHECKING:
     from broker.admin import Admin
 
+OWNER_CHECK_TIMEOUT = 2.0  # seconds for an owner to say whether it still runs an operation
+
 
 async def _maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
@@ -116,15 +118,30 @@ class Frontend:
                 self.remote.remember(metadata, member, project)
             self.local.hub.publish(event_type, metadata, project, location=member, forwarded=True)
 
-    def member_lost(self, member: str) -> None:
-        """End, for every listener here, the operations a lost member was running."""
+    def member_lost(self, member: str, reason: str = "") -> None:
+        """End, for every listener here, the operations a lost member (or its stopped agent) was running."""
         for op_id in self.remote.running_on(member):
-            lost = self.remote.lost(op_id, member)
-            if lost is not None:
-                self.local.hub.publish("operation", lost, self.remote.project_of(op_id, projects.DEFAULT),
-                                       location=member, forwarded=True)
+            self._op_lost(op_id, member, reason)
         for key in [k for k, m in self._owner_cache.items() if m == member]:
             del self._owner_cache[key]
+
+    def _op_lost(self, op_id: str, member: str, reason: str = "") -> None:
+        lost = self.remote.lost(op_id, member, reason)
+        if lost is not None:
+            self.local.hub.publish("operation", lost, self.remote.project_of(op_id, projects.DEFAULT),
+                                   location=member, forwarded=True)
+
+    async def check_owner(self, op_id: str, who: Identity) -> None:
+        """A relayed socket's owner went away mid-stream: when the owner no longer runs the operation (its
+        agent stopped; a new one never knew it), it ends here now, for every listener, instead of when the
+        new agent registers."""
+        owner, last = self.remote.owner_of(op_id), self.remote.last(op_id)
+        if owner is None or last is None or last["status_code"] >= 200 or self.link is None:
+            return
+        try:
+            await self.link.call(owner, "get_operation", op_id, who, timeout=OWNER_CHECK_TIMEOUT)
+        except (Unavailable, NotFound):
+            self._op_lost(op_id, owner, f"The agent of cluster member {owner} stopped")
 
     # -- server and cluster -------------------------------------------------------------------------
     def cluster(self) -> dict[str, Any]:

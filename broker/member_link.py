@@ -28,6 +28,10 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "
                         "proxy-authenticate", "proxy-authorization", "content-encoding"})
 
 
+class Unreachable(Unavailable):
+    """The request never reached the member (its listener refused the connection): safe to send again."""
+
+
 def client_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
     """Present the cluster certificate; accept a peer only if it presents the same one. No hostname
     check: members are reached by address, and only a holder of the cluster key has that certificate."""
@@ -101,6 +105,8 @@ class MemberLink:
             r = await self._client(address).post("/internal/v1/call", content=body,
                                                   headers={"Content-Type": "application/json"},
                                                   timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT))
+        except httpx.ConnectError as exc:
+            raise Unreachable(f"Cluster member {member} is unreachable: {type(exc).__name__}") from None
         except httpx.HTTPError as exc:
             raise Unavailable(f"Cluster member {member} is unreachable: {type(exc).__name__}") from None
         if r.status_code != 200:

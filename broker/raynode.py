@@ -17,6 +17,38 @@ from pathlib import Path
 
 NAME_LABEL = "execbroker-name"
 
+# Ray replaces exactly 127.0.0.1, ::1 and "localhost" given as a node address by the machine's interface
+# address (ray._private.services.resolve_ip_for_localhost), so members on one machine would dial each other
+# there. Any other address of 127/8 is kept as given, and on Linux the whole of 127/8 is loopback.
+LOOPBACK_NODE_IP = "127.0.0.2"
+
+# How fast the GCS declares a node dead (Ray's defaults take ~12-14 s): a probe every second, 1 s to answer,
+# dead after 3 misses, so a lost member is surfaced in ~3-4 s. Each is Ray's own knob: a value set in the
+# environment of `execbroker up` wins.
+HEALTH_CHECKS = {
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+    "RAY_health_check_initial_delay_ms": "1000",
+}
+
+
+def advertised_ip(ip: str) -> str:
+    """The node address to give Ray for ``ip``: for the loopback addresses Ray would replace, one it keeps."""
+    return LOOPBACK_NODE_IP if ip.strip("[]") in ("127.0.0.1", "::1", "localhost") else ip
+
+
+def route_ip(host: str = "8.8.8.8", port: int = 53) -> str:
+    """The local address that reaches ``host`` (no packet is sent); the default asks for the address
+    other machines reach this one at, as Ray's own pick does."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host.strip("[]"), port))
+        except OSError:  # no route: a machine without a network
+            return LOOPBACK_NODE_IP
+        return str(s.getsockname()[0])
+
 
 def free_port(ip: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -41,7 +73,7 @@ class RayNode:
         self.address = f"{node_ip}:{self.port}" if head else address
         # Ray 2.60's `ray start --block` drains its node for up to 30 s on SIGTERM; our agents keep it
         # busy, so a stop would always wait that long (measured: 30.5 s vs 1.9 s without the drain).
-        self.env = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **os.environ, **(env or {})}
+        self.env = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **HEALTH_CHECKS, **os.environ, **(env or {})}
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -14,8 +14,9 @@ from core.aio import first_of
 from core.channel import Channel, ChannelClosed
 
 
-async def relay(client: Channel, upstream: ClientConnection) -> None:
-    """Copy frames until either side ends, then close both."""
+async def relay(client: Channel, upstream: ClientConnection) -> bool:
+    """Copy frames until either side ends, then close both. True when the owner went away mid-stream
+    (its connection ended without a close: its agent may have stopped)."""
 
     close_code = 1000
 
@@ -42,3 +43,4 @@ async def relay(client: Channel, upstream: ClientConnection) -> None:
         with contextlib.suppress(Exception):
             await upstream.close()
         await client.close(close_code)
+    return close_code == 1011

@@ -114,15 +114,16 @@ class RemoteOps:
             self.bytes -= entry.size
             self._forwarded_ws.pop(op_id, None)  # its precheck needs the state: the owner checks instead
 
-    def lost(self, op_id: str, owner: str) -> dict[str, Any] | None:
-        """The last known state of an operation of a lost member, as a Failure naming the member."""
+    def lost(self, op_id: str, owner: str, reason: str = "") -> dict[str, Any] | None:
+        """The last known state of an operation of a lost member, as a Failure naming the member (or
+        ``reason``)."""
         entry = self._entries.get(op_id)
         if entry is None:
             return None
         op = entry.op
         if op["status_code"] < 200:
             op = {**op, "status": Status.FAILURE.text, "status_code": int(Status.FAILURE),
-                  "err": f"Cluster member {owner} was lost", "may_cancel": False}
+                  "err": reason or f"Cluster member {owner} was lost", "may_cancel": False}
             size = size_of(op)
             self.bytes += size - entry.size
             entry.op, entry.size = op, size

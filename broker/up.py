@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from broker.raynode import advertised_ip, route_ip
+
 if TYPE_CHECKING:
     from broker.raynode import RayNode
 
@@ -37,8 +39,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"execbroker: invalid node name {name!r}", file=sys.stderr)
         return 2
     clustered = bool(address) or bool(getattr(args, "cluster", False))
-    # A local cluster talks over loopback only; a joining node advertises the address given or Ray's pick.
-    node_ip = getattr(args, "node_ip", None) or ("127.0.0.1" if not address else _route_ip(address))
+    node_ip = advertised_ip(_node_ip(getattr(args, "node_ip", None), address, clustered))
     env = {
         "EXECBROKER_DIR": str(directory),
         "EXECBROKER_NODE_NAME": name,
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         node_id = find_node_id(name)
         agent = _wait_for_agent(agent_name(node_id))
         info = ray.get(agent.start.remote())
+        _wait_until_listed(name, node_id)
         default = os.environ.get("EXECBROKER_DEFAULT_INSTANCE", "c1")
         if default and not address:
             ray.get(agent.ensure_instance.remote(default))
@@ -118,12 +120,16 @@ def _ensure_auth_token(head: bool) -> None:
             f.write(secrets.token_hex(32))
 
 
-def _route_ip(address: str) -> str:
-    """The local address that reaches the head (what Ray would advertise for this node)."""
-    host, _, port = address.rpartition(":")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.connect((host.strip("[]"), int(port or 6379)))
-        return str(s.getsockname()[0])
+def _node_ip(given: str | None, address: str | None, clustered: bool) -> str:
+    """What this node tells the others to dial: the address given; for a joining node the one that
+    reaches the head (loopback for a head on this machine); a single node keeps to loopback; the head of
+    a cluster to be joined from other machines offers its outward address."""
+    if given:
+        return given
+    if address:
+        host, _, port = address.rpartition(":")
+        return route_ip(host, int(port or 6379))
+    return route_ip() if clustered else "127.0.0.1"
 
 
 def _wait_for_gcs(node: RayNode, timeout: float = 120.0) -> str:
@@ -142,6 +148,32 @@ def _wait_for_gcs(node: RayNode, timeout: float = 120.0) -> str:
                 raise RuntimeError(f"Ray head {node.address} did not come up") from None
             time.sleep(0.1)
     return node.address
+
+
+def _wait_until_listed(name: str, node_id: str, timeout: float = 60.0) -> None:
+    """Until every other member's agent lists this member as online: `up` reports a member ready only
+    once any member can route to it (``lxc cluster list`` anywhere shows it)."""
+    import ray
+
+    from broker.cluster_link import agent_name
+
+    deadline = time.monotonic() + timeout
+    while True:
+        peers = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["NodeID"] != node_id]
+        waiting = []
+        for peer in peers:
+            try:
+                listed = ray.get(_wait_for_agent(agent_name(peer), timeout=0).lists_member.remote(name),
+                                 timeout=10)
+            except (RuntimeError, ray.exceptions.RayError):
+                continue  # an agent that is not there (yet) lists us when it starts
+            if not listed:
+                waiting.append(peer)
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"members on nodes {waiting} do not list {name} after {timeout}s")
+        time.sleep(0.1)
 
 
 def _wait_for_agent(name: str, timeout: float = 120.0):  # type: ignore[no-untyped-def]

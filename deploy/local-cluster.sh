@@ -1,26 +1,41 @@
 #!/bin/sh
 # An N-node execbroker cluster on this machine, for trying it out (and for the cluster tests).
-#   deploy/local-cluster.sh up N [BASE]     start node1 (head) .. nodeN under BASE (default /tmp/execbroker-cluster)
-#   deploy/local-cluster.sh node K [BASE]   (re)start node K and join it to the running head
+#   deploy/local-cluster.sh up N [BASE]     start node1 (head) .. nodeN under BASE (default: a new private dir)
+#   deploy/local-cluster.sh node K [BASE]   (re)start node K: node1 as the head again, others joining it
 #   deploy/local-cluster.sh kill K [BASE]   kill node K's broker and Ray processes at once (simulated host loss)
 #   deploy/local-cluster.sh down [BASE]     stop every node (instances keep running, as with `execbroker up`)
-# Each node has its own data dir BASE/nodeK (socket BASE/nodeK/unix.socket, log BASE/nodeK/up.log).
+# Each node has its own data dir BASE/nodeK (socket BASE/nodeK/unix.socket, log BASE/nodeK/up.log). Every
+# node advertises a loopback address: members dial each other on loopback only. `up` returns once every
+# member lists every other one. Without BASE, `up` makes a new directory (mktemp, owned by the caller) and
+# records it in ~/.execbroker-cluster, which the other commands read.
 # Use a node with:  LXD_DIR=BASE/node2 lxc exec c1 -- hostname
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
 eb=${EXECBROKER_BIN:-$here/.venv/bin/execbroker}
+pointer=${HOME:-/root}/.execbroker-cluster
 cmd=${1:-}
 case "$cmd" in
-  up|node|kill) base=${3:-/tmp/execbroker-cluster} ;;
-  down) base=${2:-/tmp/execbroker-cluster} ;;
-  *) sed -n '2,8p' "$0" >&2; exit 2 ;;
+  up|node|kill) base=${3:-} ;;
+  down) base=${2:-} ;;
+  *) sed -n '2,11p' "$0" >&2; exit 2 ;;
 esac
+if [ -z "$base" ] && [ "$cmd" = up ]; then
+  base=$(mktemp -d "${TMPDIR:-/tmp}/execbroker-cluster.XXXXXX")
+  echo "$base" >"$pointer"
+elif [ -z "$base" ]; then
+  [ -f "$pointer" ] || { echo "local-cluster: no cluster recorded in $pointer; give BASE" >&2; exit 2; }
+  base=$(cat "$pointer")
+fi
+# Its pid files are fed to kill: only a directory of the caller's own that nobody else may write.
+mkdir -p "$base"
+[ -O "$base" ] && [ ! -L "$base" ] || { echo "local-cluster: $base is not the caller's own directory" >&2; exit 2; }
+chmod 711 "$base"  # others pass (instances reach their root filesystems below it), nobody lists or writes
 export RAY_TMPDIR=${RAY_TMPDIR:-$base/ray}
 
 wait_ready() {  # $1 node dir: until its log says it serves (or its broker died)
   i=0
   while ! grep -q "serving on" "$1/up.log" 2>/dev/null; do
-    if ! kill -0 "$(cat "$1/up.pid")" 2>/dev/null; then
+    if ! kill -0 "$(pid_of "$1")" 2>/dev/null; then
       echo "local-cluster: $(basename "$1") failed:" >&2; tail -20 "$1/up.log" >&2; return 1
     fi
     i=$((i + 1)); [ $i -gt 1800 ] && { echo "local-cluster: $(basename "$1") not ready" >&2; return 1; }
@@ -33,7 +48,7 @@ start_node() {  # $1 K, $2 extra args
   mkdir -p "$dir"
   : >"$dir/up.log"
   # shellcheck disable=SC2086
-  setsid "$eb" up --dir "$dir" --node-name "node$1" $2 >>"$dir/up.log" 2>&1 </dev/null &
+  setsid "$eb" up --dir "$dir" --node-name "node$1" --node-ip 127.0.0.1 $2 >>"$dir/up.log" 2>&1 </dev/null &
   echo $! >"$dir/up.pid"
 }
 
@@ -41,9 +56,13 @@ head_address() {
   sed -n 's/.*execbroker up --address \([^ ]*\).*/\1/p' "$base/node1/up.log" | tail -1
 }
 
+pid_of() {  # $1 node dir: its broker's pid, from a pid file of the caller's own
+  [ -f "$1/up.pid" ] && [ -O "$1/up.pid" ] || return 1
+  cat "$1/up.pid"
+}
+
 stop_node() {  # $1 node dir
-  [ -f "$1/up.pid" ] || return 0
-  pid=$(cat "$1/up.pid")
+  pid=$(pid_of "$1") || return 0
   kill -TERM "$pid" 2>/dev/null || return 0
   i=0
   while kill -0 "$pid" 2>/dev/null && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
@@ -73,7 +92,7 @@ case "$cmd" in
     ;;
   kill)
     k=${2:?usage: kill K [BASE]}
-    pid=$(cat "$base/node$k/up.pid")
+    pid=$(pid_of "$base/node$k") || { echo "local-cluster: node$k is not running" >&2; exit 1; }
     # The broker's Ray processes run in the process group of its `ray start` child.
     for child in $(pgrep -P "$pid" 2>/dev/null); do kill -9 "-$child" 2>/dev/null || true; done
     kill -9 "-$pid" 2>/dev/null || true

@@ -48,8 +48,11 @@ def get_state_actor() -> Any:
                                       lifetime="detached", **head_affinity()).remote()
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
+@ray.remote(num_cpus=0, max_restarts=-1)
 class NodeAgent:
+    """Ray restarts an agent that died (on its own node: the controller pins it there); a restarted
+    agent starts serving by itself and re-adopts the node's running instances."""
+
     def __init__(self) -> None:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         env = os.environ
@@ -68,6 +71,8 @@ class NodeAgent:
         self._starting: asyncio.Lock | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._parent = os.getppid()
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            self._restart = asyncio.get_event_loop().create_task(self.start())
 
     async def start(self) -> dict[str, Any]:
         """Adopt the node's instances, join the directory, serve the API; idempotent."""
@@ -178,6 +183,16 @@ class NodeAgent:
 
     async def ready(self) -> bool:
         return self.server is not None
+
+    async def lists_member(self, name: str) -> bool:
+        """Whether this member lists ``name`` as online (refreshing its table first if it does not)."""
+        if self.link is None:
+            return False
+        info = self.link.members.get(name)
+        if info is None or not info.alive:
+            await self.link.refresh()
+            info = self.link.members.get(name)
+        return info is not None and info.alive
 
     async def check_health(self) -> None:
         if self.server is None:

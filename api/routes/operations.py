@@ -72,7 +72,8 @@ def register(app: FastAPI, backend: Frontend) -> None:
             await ws.send_denial_response(envelope.from_exception(exc))
             return
         if dialing is not None:
-            await _relay_when_dialled(ws, dialing)
+            if await _relay_when_dialled(ws, dialing):
+                await backend.check_owner(op_id, who)
             return
         try:
             await ws.accept()
@@ -92,8 +93,9 @@ def _offset(raw: str | None) -> int | None:
     return int(raw)
 
 
-async def _relay_when_dialled(ws: WebSocket, dialing: asyncio.Future[Any]) -> None:
-    """Upgrade the client, then relay once the owner's socket is open (or close with 1011 if it is not)."""
+async def _relay_when_dialled(ws: WebSocket, dialing: asyncio.Future[Any]) -> bool:
+    """Upgrade the client, then relay once the owner's socket is open (or close with 1011 if it is not).
+    True when the owner went away mid-stream."""
     try:
         await ws.accept()
     except BaseException:
@@ -106,5 +108,5 @@ async def _relay_when_dialled(ws: WebSocket, dialing: asyncio.Future[Any]) -> No
     except ApiError:
         with contextlib.suppress(Exception):
             await ws.close(1011)
-        return
-    await relay.relay(WebSocketChannel(ws), upstream)
+        return False
+    return await relay.relay(WebSocketChannel(ws), upstream)
