@@ -183,7 +183,7 @@ def parse_control(message: str | bytes, interactive: bool) -> ControlAction:
     """A control-socket message (§5.6): bad JSON, unknown commands and bad args are ignored (None)."""
     try:
         msg: Any = json.loads(message)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser's stack
         return None
     if not isinstance(msg, dict):
         return None
@@ -192,7 +192,7 @@ def parse_control(message: str | bytes, interactive: bool) -> ControlAction:
         args = msg.get("args") or {}
         try:
             width, height = int(args["width"]), int(args["height"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: int() of Infinity
             return None
         if not (0 < width < 2**16 and 0 < height < 2**16):
             return None

@@ -96,8 +96,13 @@ def test_socket_layout() -> None:
     ('{"command":"nope"}', True, None),
     ("not json", True, None),
     ("[1]", True, None),
+    # found by tests/test_fuzz.py: these raised out of the control loop, which then ignored the socket
+    ("[" * 5000 + "]" * 5000, True, None),  # RecursionError
+    ('{"command":"window-resize","args":{"width":Infinity,"height":40}}', True, None),  # OverflowError
+    ('{"command":"window-resize","args":{"width":1e999,"height":40}}', True, None),
+    (b'{"command":"signal","signal":9}', False, Signal(9)),  # a binary frame on the control socket
 ])
-def test_control_messages(msg: str, interactive: bool, action: object) -> None:
+def test_control_messages(msg: str | bytes, interactive: bool, action: object) -> None:
     assert parse_control(msg, interactive) == action
 
 
