@@ -179,3 +179,14 @@ def test_only_stored_files_are_moved(tmp_path: Path) -> None:
 
 def test_pid1_id_range_is_the_runtimes() -> None:
     assert ID_RANGE == idranges.PER_INSTANCE
+
+
+def test_failed_creates_close_their_directory(tmp_path: Path) -> None:
+    """Found by tests/test_fuzz.py: a push whose create failed otherwise than EEXIST (here a name over
+    NAME_MAX) left the parent directory's fd open, in pid1 (running) or in the agent (stopped)."""
+    before = fd_count()
+    for _ in range(5):
+        with pytest.raises(FileFailed) as err:
+            on_rootfs(tmp_path, None, "write", "/" + "a" * 300)
+        assert err.value.status == 400 and "File name too long" in str(err.value)
+    assert fd_count() == before

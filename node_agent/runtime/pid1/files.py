@@ -144,11 +144,11 @@ def _write(root: Any, path: str, uid: int, gid: int, mode: int, append: bool) ->
     flags = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
     owner = root.host_ids(max(uid, 0), max(gid, 0))  # refused before anything is made
     dir_fd, name = root.parent(path)
-    try:
-        fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dir_fd)
-    except FileExistsError:
-        fd = -1
-    try:
+    try:  # closed however the create fails (a name over NAME_MAX, EACCES, EROFS...): pid1 is long-lived
+        try:
+            fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dir_fd)
+        except FileExistsError:
+            fd = -1
         if fd >= 0:
             try:
                 os.fchown(fd, *owner)
