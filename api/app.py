@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from api import envelope
 from api.auth import Authenticate
@@ -60,6 +61,16 @@ def create_app(backend: Frontend, trust: Callable[[str], Certificate | None] = l
     @app.exception_handler(Exception)
     async def _internal(_req: Request, exc: Exception) -> Response:
         return envelope.error(500, str(exc) or type(exc).__name__)
+
+    not_found = app.router.not_found
+
+    async def _no_route(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":  # an upgrade to no route: 404 in the envelope (Starlette: a bare 403)
+            await WebSocket(scope, receive, send).send_denial_response(envelope.error(404, "not found"))
+            return
+        await not_found(scope, receive, send)
+
+    app.router.default = _no_route
 
     server.register(app, backend)
     if backend.admin is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import Broker
+from tests.wsutil import Raw
 
 pytestmark = pytest.mark.broker
 
@@ -74,3 +75,29 @@ def test_error_envelope(broker: Broker, c1: str, method: str, path: str, body: b
         doc = r.json()
         assert doc["type"] == "error" and doc["error_code"] == status and doc["error"], doc
         assert c.get("/1.0").status_code == 200  # still serving
+
+
+@pytest.mark.parametrize("raw, error", [
+    ("9" * 400, "value out of range"),  # was a 500 'int too large to convert to float' (found by test_fuzz.py)
+    ("9223372036854775808", "value out of range"),
+    ("5_0", "invalid syntax"),  # Python's int() took these; Go's strconv.Atoi does not
+    (" 1", "invalid syntax"),
+    ("\u0661", "invalid syntax"),
+    ("1.5", "invalid syntax"),
+])
+def test_wait_timeout_parsed_as_incus_does(broker: Broker, raw: str, error: str) -> None:
+    """``?timeout=`` is Go's strconv.Atoi (spec §4.3): anything else is Incus' 500 with its text."""
+    with broker.http() as c:
+        r = c.get("/1.0/operations/nope/wait", params={"timeout": raw})
+        assert r.status_code == 500 and r.json()["error"] == f'strconv.Atoi: parsing "{raw}": {error}', r.text
+        for ok in ("+0", "-0", "0000000000000000000000001", "9223372036854775807"):
+            assert c.get("/1.0/operations/nope/wait", params={"timeout": ok}).status_code == 404, ok
+
+
+@pytest.mark.parametrize("path", ["/1.0/nothing", "/1.0/operations/a%2Fb/websocket", "/1.0/instances/c1/exec"])
+async def test_websocket_to_no_route(broker: Broker, path: str) -> None:
+    """An upgrade that no websocket route takes is refused like any unknown path, with the 404 envelope
+    (Starlette answered a bare 403; found by tests/test_fuzz.py)."""
+    status, doc = await Raw(broker.socket).handshake_status(f"ws://eb{path}")
+    assert status == 404 and doc["type"] == "error" and doc["error_code"] == 404, (status, doc)
+    assert broker.api("GET", "/1.0")["status_code"] == 200

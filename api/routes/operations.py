@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket
@@ -16,6 +17,8 @@ from api.wschannel import WebSocketChannel
 from broker import relay
 from broker.frontend import Frontend
 from core.errors import ApiError, BadRequest
+
+_GO_INT = re.compile(r"[+-]?[0-9]+")
 
 
 def register(app: FastAPI, backend: Frontend) -> None:
@@ -35,11 +38,7 @@ def register(app: FastAPI, backend: Frontend) -> None:
 
     @app.get("/1.0/operations/{op_id}/wait")
     async def wait_operation(op_id: str, request: Request) -> Response:
-        raw = request.query_params.get("timeout", "-1")
-        try:
-            timeout = float(int(raw))
-        except ValueError:
-            raise ApiError(f'strconv.Atoi: parsing "{raw}": invalid syntax', 500) from None
+        timeout = float(_atoi(request.query_params.get("timeout", "-1")))
         who = identity(request)
         await backend.get_operation(op_id, who)  # 404 before the 200 headers go out
 
@@ -82,6 +81,17 @@ def register(app: FastAPI, backend: Frontend) -> None:
             raise
         await session.attach(fd, WebSocketChannel(ws))
 
+
+
+def _atoi(raw: str) -> int:
+    """``?timeout=`` as Incus parses it, with Go's ``strconv.Atoi``: an optional sign and ASCII digits, in
+    int64; anything else is the 500 Incus answers (spec §4.3). Python's int() would take "1_0", " 1" or
+    Arabic digits, and 400 digits would overflow the float the wait takes."""
+    if not _GO_INT.fullmatch(raw):
+        raise ApiError(f'strconv.Atoi: parsing "{raw}": invalid syntax', 500)
+    if len(raw.lstrip("+-").lstrip("0")) > 19 or not -(2**63) <= int(raw) < 2**63:
+        raise ApiError(f'strconv.Atoi: parsing "{raw}": value out of range', 500)
+    return int(raw)
 
 
 def _offset(raw: str | None) -> int | None:
