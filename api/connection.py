@@ -165,6 +165,8 @@ class EdgeWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's websocket protocol; the connection's state comes from the HTTP protocol it upgrades.
     Routes find ``close_now`` in the scope's extensions (``closer``)."""
 
+    _pong_paused = False  # reading stopped until the pongs written so far are sent (handle_ping)
+
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
         scope = getattr(self, "scope", None)  # none when the upgrade was refused
@@ -181,6 +183,36 @@ class EdgeWebSocketProtocol(WebSocketsSansIOProtocol):
                 self.transport.write(b"".join(self.conn.data_to_send()))
         self.transport.close()
         self.loop.call_later(CLOSE_GRACE, self.transport.abort)  # a no-op once the connection is gone
+
+    def send_receive_event_to_app(self) -> None:
+        """A text message that is not UTF-8 closes the socket with 1007, as uvicorn does, but without
+        uvicorn's ERROR and traceback in the agent's log: the error is the client's, and any client could
+        fill the log with them (websockets >= 14 leaves the UTF-8 check to uvicorn)."""
+        if self.curr_msg_data_type == "text" and not self.close_sent:
+            try:
+                b"".join(self.frames).decode()
+            except UnicodeDecodeError:
+                self.frames = []
+                self.conn.send_close(1007, "invalid UTF-8")
+                self.handle_parser_exception()
+                return
+        super().send_receive_event_to_app()
+
+    def handle_ping(self) -> None:
+        """Each ping's pong is written at once; a client that sends pings without reading the pongs
+        would have the transport hold them all (measured: 300 MiB held for 300 MiB of pings). So while
+        the transport is over its high-water mark, reading stops, until ``resume_writing``."""
+        super().handle_ping()
+        if not self.writable.is_set() and not self.transport.is_closing():
+            self._pong_paused = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._pong_paused:
+            self._pong_paused = False
+            if not self.read_paused:  # else uvicorn resumes when the route has taken its message
+                self.transport.resume_reading()
 
     def revoke(self, reason: str) -> None:
         """Close with 1008 (policy violation) and ``reason``, whatever the route is doing."""

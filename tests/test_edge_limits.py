@@ -8,6 +8,7 @@ import contextlib
 import json
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from websockets.exceptions import ConnectionClosed
@@ -178,6 +179,76 @@ async def test_websocket_message_size(broker: Broker, raw: Raw, c1: str) -> None
     finally:
         for ws in socks.values():
             await ws.close()
+    _ok(broker)
+
+
+def _agent(broker: Broker) -> tuple[int, Path]:
+    """The agent's pid and its stderr (a Ray worker log)."""
+    pid = broker.api("GET", "/1.0")["metadata"]["environment"]["server_pid"]
+    return pid, next((broker.base / "ray" / "ray" / "session_latest" / "logs").glob(f"worker-*-{pid}.err"))
+
+
+async def test_invalid_utf8_text_is_the_clients_error(broker: Broker, raw: Raw, c1: str) -> None:
+    """A text frame that is not UTF-8 closes that socket with 1007 and ends the command's stdin, and
+    logs nothing: uvicorn logged an ERROR with a traceback for each one (found by tests/test_fuzz.py)."""
+    _, log = _agent(broker)
+    logged = log.stat().st_size
+    op = await raw.exec_op(c1, ["cat"])
+    socks = {fd: await raw.connect(op, fd) for fd in ("0", "1", "2")}
+    try:
+        await socks["0"].send(b"\xff\xfe", text=True)
+        await asyncio.wait_for(socks["0"].wait_closed(), 30)
+        assert socks["0"].close_code == 1007
+        final = await raw.wait(op["id"], 30)
+        assert final["status"] == "Success" and final["metadata"]["return"] == 0  # cat saw EOF
+    finally:
+        for ws in socks.values():
+            await ws.close()
+    assert b"UTF-8" not in _tail(log, logged)
+    _ok(broker)
+
+
+def _tail(path: Path, offset: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read()
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+async def test_pings_from_a_client_that_reads_nothing(broker: Broker, raw: Raw, c1: str) -> None:
+    """Every ping is answered; while the pongs are not read the agent stops reading the socket, so it
+    holds a bounded amount of them (found by tests/test_fuzz.py: 300 MiB held for 300 MiB of pings)."""
+    pid, _ = _agent(broker)
+    op = await raw.exec_op(c1, ["cat"])
+    socks = {fd: await raw.connect(op, fd) for fd in ("1", "2")}
+    reader, writer = await asyncio.open_unix_connection(str(broker.socket))
+    try:
+        writer.write(f"GET /1.0/operations/{op['id']}/websocket?secret={op['metadata']['fds']['0']} HTTP/1.1\r\n"
+                     "Host: eb\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode())
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 101")
+        pings = (b"\x89\xfd" + b"\0" * 4 + b"p" * 125) * 8000  # 1 MiB of masked pings (a zero mask key)
+        before, sent = _rss_kib(pid), 0
+        while sent < 64 << 20:  # never read: the pongs pile up in the agent unless it stops reading
+            writer.write(pings)
+            try:
+                await asyncio.wait_for(writer.drain(), 2)
+            except asyncio.TimeoutError:
+                break  # it stopped reading
+            sent += len(pings)
+        grown = _rss_kib(pid) - before
+        assert grown < 16 << 10, f"the agent grew by {grown >> 10} MiB for {sent >> 20} MiB of pings"
+    finally:
+        writer.transport.abort()
+        async with raw.client() as c:
+            await c.delete(f"/1.0/operations/{op['id']}")
+        for ws in socks.values():
+            await ws.close()
+    assert (await raw.wait(op["id"], 30))["status_code"] >= 200
     _ok(broker)
 
 
