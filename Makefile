@@ -35,5 +35,11 @@ bench-quick: $(VENV)/.installed
 	sh deploy/system-deps.sh --test
 	$(BIN)/python -m bench.run --quick
 
+# the long fuzz run (tests/fuzz/): EXECBROKER_FUZZ_EXAMPLES per target (default 2000), EXECBROKER_FUZZ_SEED
+.PHONY: fuzz
+fuzz: $(VENV)/.installed
+	sh deploy/system-deps.sh --test
+	$(BIN)/python -m bench.run --only fuzz --no-profile
+
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -26,7 +26,7 @@ from bench.context import Context
 from bench.harness import BrokerProcess, Row
 from bench.profiler import Profiler, ensure_pyspy
 from bench.wire import Api
-from bench.workloads import NAMES, WORKLOADS, cluster, startup
+from bench.workloads import DEFAULT, NAMES, WORKLOADS, cluster, startup
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Wall-clock bound per workload (seconds), quick / full.
@@ -36,7 +36,8 @@ BUDGET = {"quick": 100, "full": 360}
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description="execbroker benchmarks")
     p.add_argument("--quick", action="store_true", help="fewer samples, shorter runs (< 2 minutes)")
-    p.add_argument("--only", nargs="+", metavar="NAME", choices=NAMES, help=f"run only these: {', '.join(NAMES)}")
+    p.add_argument("--only", nargs="+", metavar="NAME", choices=NAMES,
+                   help=f"run only these: {', '.join(NAMES)} (fuzz runs only when named)")
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy passes")
     return p.parse_args(argv)
 
@@ -64,7 +65,7 @@ def table(rows: list[Row]) -> str:
 
 
 async def run_workload(module: Any, ctx: Context) -> list[Row]:
-    budget = BUDGET["quick" if ctx.quick else "full"]
+    budget = getattr(module, "BUDGET", BUDGET)["quick" if ctx.quick else "full"]
     t0 = time.monotonic()
     print(f"bench: {module.NAME} ...", file=sys.stderr, flush=True)
     try:
@@ -80,7 +81,7 @@ async def run_workload(module: Any, ctx: Context) -> list[Row]:
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    selected = set(args.only or NAMES)
+    selected = set(args.only or DEFAULT)
     soft, hard = harness.raise_nofile()
     ctx = Context(quick=args.quick, broker=None, api=None)
     report: dict[str, Any] = {"stamp": stamp, "quick": args.quick, "selected": sorted(selected),
@@ -184,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     report = asyncio.run(main_async(args))
     teardown_info = report.get("broker", {}).get("teardown", {})
-    return 1 if teardown_info.get("leftover_processes") else 0
+    checks = {w.TITLE for w in WORKLOADS if getattr(w, "OPT_IN", False)}  # checks, not figures: a miss fails
+    missed = any(r["workload"] in checks and r["met"] is not True for r in report["rows"])
+    return 1 if teardown_info.get("leftover_processes") or missed else 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The workloads, in run order. Each module has NAME, TITLE and ``async def run(ctx) -> list[Row]``."""
+"""The workloads, in run order. Each module has NAME, TITLE and ``async def run(ctx) -> list[Row]``; it may
+have BUDGET (its own wall-clock bound, quick and full) and OPT_IN (run only when named with --only)."""
 
 from bench.workloads import (
     cluster,
@@ -6,6 +7,7 @@ from bench.workloads import (
     exec_latency,
     exec_rate,
     files,
+    fuzz,
     instances,
     keystroke,
     lxc_exec,
@@ -17,5 +19,6 @@ from bench.workloads import (
 
 # startup and cluster are special: startup's baseline runs before the broker starts, cluster after it stops.
 WORKLOADS = [exec_latency, lxc_exec, lxc_https, throughput, keystroke, sessions, exec_rate, instances, files,
-             detach, startup, cluster]
+             detach, fuzz, startup, cluster]
 NAMES = [w.NAME for w in WORKLOADS]
+DEFAULT = [w.NAME for w in WORKLOADS if not getattr(w, "OPT_IN", False)]  # what a run without --only runs
