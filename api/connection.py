@@ -129,6 +129,15 @@ class EdgeHttpProtocol(HttpToolsProtocol):
                                  b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
             self.transport.close()
 
+    def send_400_response(self, msg: str) -> None:
+        """A request the HTTP parser refused, in the Incus error envelope (uvicorn's is plain text)."""
+        body = envelope.error(400, msg).body
+        if self.transport is not None:
+            self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                                 b"x-content-type-options: nosniff\r\nconnection: close\r\n"
+                                 b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            self.transport.close()
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._arm()

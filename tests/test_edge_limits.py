@@ -182,6 +182,23 @@ async def test_websocket_message_size(broker: Broker, raw: Raw, c1: str) -> None
     _ok(broker)
 
 
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /1.0 HTTP/1.1\r\nHost: eb\r\nContent-Length: x\r\n\r\n",
+    b"GET /1.0/instances/a b HTTP/1.1\r\nHost: eb\r\n\r\n",
+    b"G\x00T /1.0 HTTP/1.1\r\n\r\n",
+])
+def test_unparsable_request(broker: Broker, request_bytes: bytes) -> None:
+    """What the HTTP parser refuses gets a 400 in the error envelope too, and the connection closed."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(broker.socket))
+        s.sendall(request_bytes)
+        head, body = _response(s)
+    assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head, head
+    assert json.loads(body) == {"type": "error", "status": "", "status_code": 0, "operation": "", "error_code": 400,
+                                "error": "Invalid HTTP request received.", "metadata": None}
+    _ok(broker)
+
+
 def _agent(broker: Broker) -> tuple[int, Path]:
     """The agent's pid and its stderr (a Ray worker log)."""
     pid = broker.api("GET", "/1.0")["metadata"]["environment"]["server_pid"]
