@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 NAME_LABEL = "execbroker-name"
+START_LABEL = "execbroker-start"  # one per `ray start`: a head restored from its GCS store still lists the
+                                  # dead node of the same name as alive until its health checks fail
 
 # Ray replaces exactly 127.0.0.1, ::1 and "localhost" given as a node address by the machine's interface
 # address (ray._private.services.resolve_ip_for_localhost), so members on one machine would dial each other
@@ -30,6 +32,9 @@ HEALTH_CHECKS = {
     "RAY_health_check_timeout_ms": "1000",
     "RAY_health_check_failure_threshold": "3",
     "RAY_health_check_initial_delay_ms": "1000",
+    # how long members (raylets and workers) wait for a lost head's GCS to return before they give up
+    # (Ray's default is 60 s): with a GCS store the head can be restarted within it
+    "RAY_gcs_rpc_server_reconnect_timeout_s": "300",
 }
 
 
@@ -76,10 +81,11 @@ class RayNode:
         self.env = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **HEALTH_CHECKS, **os.environ, **(env or {})}
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
+        self.start_id = os.urandom(6).hex()
 
     def command(self) -> list[str]:
         cmd = [ray_binary(), "start", "--block", f"--node-ip-address={self.node_ip}", "--disable-usage-stats",
-               f"--labels={NAME_LABEL}={self.name}"]
+               f"--labels={NAME_LABEL}={self.name},{START_LABEL}={self.start_id}"]
         if self.head:
             cmd += ["--head", f"--port={self.port}", "--include-dashboard=false"]
         else:
@@ -113,15 +119,17 @@ class RayNode:
         self.proc.wait(10)
 
 
-def find_node_id(name: str, timeout: float = 60.0) -> str:
-    """The Ray node id of the alive node labelled with this member name (connect with ray.init first)."""
-    import ray
+    def node_id(self, timeout: float = 60.0) -> str:
+        """This node's Ray node id, by the labels of this very start (connect with ray.init first)."""
+        import ray
 
-    deadline = time.monotonic() + timeout
-    while True:
-        for node in ray.nodes():
-            if node.get("Alive") and (node.get("Labels") or {}).get(NAME_LABEL) == name:
-                return str(node["NodeID"])
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no alive Ray node labelled {NAME_LABEL}={name}")
-        time.sleep(0.1)
+        want = {NAME_LABEL: self.name, START_LABEL: self.start_id}
+        deadline = time.monotonic() + timeout
+        while True:
+            for node in ray.nodes():
+                labels = node.get("Labels") or {}
+                if node.get("Alive") and all(labels.get(k) == v for k, v in want.items()):
+                    return str(node["NodeID"])
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no alive Ray node labelled {want}")
+            time.sleep(0.1)

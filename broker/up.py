@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from broker.gcs_store import LocalRedis, external_env
 from broker.raynode import advertised_ip, route_ip
 
 if TYPE_CHECKING:
@@ -53,20 +54,27 @@ def run(args: argparse.Namespace) -> int:
     import ray
 
     from broker.cluster_link import NAMESPACE, agent_name
-    from broker.raynode import RayNode, find_node_id
+    from broker.raynode import RayNode
 
     started = time.monotonic()
+    store = _gcs_store(getattr(args, "redis", None), directory, head=not address)
+    if store is not None:
+        env.update(store.ray_env() if isinstance(store, LocalRedis) else external_env(args.redis))
     node = RayNode(head=not address, node_ip=node_ip, name=name, address=address,
-                   port=getattr(args, "port", None), env=env, log=directory / "ray.log")
+                   port=_gcs_port(args, directory, keep=store is not None), env=env, log=directory / "ray.log")
 
     stop = threading.Event()
 
     def on_signal(_signum: int, _frame: object) -> None:
         stop.set()
 
-    node.start()
     agent = None
     try:
+        if store is not None:
+            _forget_stale_head(node.address)
+        if isinstance(store, LocalRedis):
+            store.start()
+        node.start()
         ray.init(address=_wait_for_gcs(node), namespace=NAMESPACE, log_to_driver=False,
                  logging_level="WARNING", _node_ip_address=node_ip)
         # After ray.init: Ray installs its own SIGTERM handler, which would end us without a clean stop.
@@ -75,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         from broker.controller import ensure_controller
 
         ensure_controller()
-        node_id = find_node_id(name)
+        node_id = node.node_id()
         agent = _wait_for_agent(agent_name(node_id))
         info = ray.get(agent.start.remote())
         _wait_until_listed(name, node_id)
@@ -99,9 +107,14 @@ def run(args: argparse.Namespace) -> int:
                 ray.get(agent.shutdown.remote(), timeout=15)
             except Exception as exc:  # noqa: BLE001 - shutting down anyway
                 print(f"execbroker: agent shutdown: {exc}", file=sys.stderr)
-        if ray.is_initialized():
-            ray.shutdown()
-        node.stop()
+        # Ray's driver may end this process in ray.shutdown() (a raylet it lost): our children stop first.
+        try:
+            node.stop()
+        finally:
+            if isinstance(store, LocalRedis):
+                store.stop()
+            if ray.is_initialized():
+                ray.shutdown()
 
 
 def _ensure_auth_token(head: bool) -> None:
@@ -118,6 +131,43 @@ def _ensure_auth_token(head: bool) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
+
+
+def _gcs_store(redis: str | None, directory: Path, head: bool) -> LocalRedis | str | None:
+    """Where the GCS keeps the cluster's state: a Redis of our own (``local``), one named, or none."""
+    if not redis:
+        return None
+    if not head:
+        raise SystemExit("execbroker: --redis is for the head (members reach the GCS through it)")
+    return LocalRedis(directory) if redis == "local" else redis
+
+
+def _forget_stale_head(address: str | None) -> None:
+    """A head restarting on its GCS store: Ray's pointer to "the cluster last started here" names this
+    very address, and on one machine the members' raylets (waiting for the GCS to return) name it too, so
+    `ray start --head` would take the dead head for a running one and refuse."""
+    pointer = Path(os.environ.get("RAY_TMPDIR") or "/tmp") / "ray" / "ray_current_cluster"
+    try:
+        if pointer.read_text().strip() == address:
+            pointer.unlink()
+    except OSError:
+        pass
+
+
+def _gcs_port(args: argparse.Namespace, directory: Path, keep: bool) -> int | None:
+    """The head's GCS port; with a GCS store it is kept in the data dir, so a restarted head is found
+    where its members (which wait for it) look."""
+    port: int | None = getattr(args, "port", None)
+    saved = directory / "gcs-port"
+    if keep:
+        if port is None and saved.exists():
+            port = int(saved.read_text())
+        if port is None:
+            from broker.raynode import free_port
+
+            port = free_port("127.0.0.1")
+        saved.write_text(str(port))
+    return port
 
 
 def _node_ip(given: str | None, address: str | None, clustered: bool) -> str:

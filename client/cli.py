@@ -177,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, help="head only: Ray GCS port (default: a free one)")
     up.add_argument("--https", metavar="IP:PORT",
                     help="also serve HTTPS here (sets core.https_address; kept across restarts)")
+    up.add_argument("--redis", metavar="local|ADDRESS",
+                    help="head only: keep Ray's cluster state in Redis (GCS fault tolerance), so the head "
+                         "can be lost and restarted: 'local' runs redis-server under the data dir, or "
+                         "HOST:PORT (rediss://HOST:PORT) names an existing one")
     up.add_argument("--cluster", action="store_true",
                     help="head only: report as a cluster member from the start (joining nodes always do)")
 

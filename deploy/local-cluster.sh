@@ -4,10 +4,12 @@
 #   deploy/local-cluster.sh node K [BASE]   (re)start node K: node1 as the head again, others joining it
 #   deploy/local-cluster.sh kill K [BASE]   kill node K's broker and Ray processes at once (simulated host loss)
 #   deploy/local-cluster.sh down [BASE]     stop every node (instances keep running, as with `execbroker up`)
-# Each node has its own data dir BASE/nodeK (socket BASE/nodeK/unix.socket, log BASE/nodeK/up.log). Every
-# node advertises a loopback address: members dial each other on loopback only. `up` returns once every
+# Each node has its own data dir BASE/nodeK (socket BASE/nodeK/unix.socket, log BASE/nodeK/up.log) and its
+# own loopback address 127.0.0.(K+1): members dial each other on loopback only. `up` returns once every
 # member lists every other one. Without BASE, `up` makes a new directory (mktemp, owned by the caller) and
-# records it in ~/.execbroker-cluster, which the other commands read.
+# records it in ~/.execbroker-cluster, which the other commands read. With redis-server installed the head
+# runs with Ray's GCS fault tolerance (`--redis local`; LOCAL_CLUSTER_REDIS=0 turns it off): `kill 1`
+# then `node 1` loses and restores the head while the other members keep serving.
 # Use a node with:  LXD_DIR=BASE/node2 lxc exec c1 -- hostname
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -48,8 +50,17 @@ start_node() {  # $1 K, $2 extra args
   mkdir -p "$dir"
   : >"$dir/up.log"
   # shellcheck disable=SC2086
-  setsid "$eb" up --dir "$dir" --node-name "node$1" --node-ip 127.0.0.1 $2 >>"$dir/up.log" 2>&1 </dev/null &
+  # each node its own loopback address: a driver attaches to the raylet of its address, never another's
+  setsid "$eb" up --dir "$dir" --node-name "node$1" --node-ip "127.0.0.$(($1 + 1))" $2 >>"$dir/up.log" 2>&1 </dev/null &
   echo $! >"$dir/up.pid"
+}
+
+head_args() {  # the head keeps Ray's cluster state in a Redis of its own when there is one to run
+  if command -v redis-server >/dev/null 2>&1 && [ "${LOCAL_CLUSTER_REDIS:-1}" != 0 ]; then
+    echo "--cluster --redis local"
+  else
+    echo "--cluster"
+  fi
 }
 
 head_address() {
@@ -74,7 +85,7 @@ case "$cmd" in
   up)
     n=${2:?usage: up N [BASE]}
     mkdir -p "$base"
-    start_node 1 "--cluster"
+    start_node 1 "$(head_args)"
     wait_ready "$base/node1"
     addr=$(head_address)
     k=2  # one at a time: joins racing each other on 2 cores time out in Ray's node registration
@@ -86,7 +97,7 @@ case "$cmd" in
   node)
     k=${2:?usage: node K [BASE]}
     stop_node "$base/node$k"
-    start_node "$k" "--address $(head_address)"
+    if [ "$k" = 1 ]; then start_node 1 "$(head_args)"; else start_node "$k" "--address $(head_address)"; fi
     wait_ready "$base/node$k"
     echo "local-cluster: node$k up"
     ;;

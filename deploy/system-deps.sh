@@ -1,15 +1,17 @@
 #!/bin/sh
 # Installs what execbroker needs from Debian: runc (the OCI runtime every instance runs under, as an
 # unprivileged container), busybox-static (the busybox instance image), mmdebstrap (builds the debian
-# image from this machine's Debian mirror on first use), util-linux (nsenter, setpriv); with --test also
-# lxd-client (the real `lxc` client the tests drive), acl (tests let one test uid reach a socket with
-# setfacl, never every user) and tcpdump (the two-host test captures member-to-member traffic).
+# image from this machine's Debian mirror on first use), util-linux (nsenter, setpriv), redis-server (the
+# head's store for Ray's cluster state with `execbroker up --redis local`; Debian's own redis service is not
+# started by this install); with --test also lxd-client (the real `lxc` client the tests drive), acl (tests
+# let one test uid reach a socket with setfacl, never every user), tcpdump and iproute2 (the two-host test
+# builds network namespaces and captures member-to-member traffic).
 # Creates the `execbroker` group: root and its members have full access to the unix socket; and delegates
 # a range of host ids to execbroker in /etc/subuid and /etc/subgid (each instance's root maps into it).
 # Idempotent: installs only what is missing. Needs root.
 set -eu
-pkgs="runc busybox-static mmdebstrap util-linux"
-[ "${1:-}" = "--test" ] && pkgs="$pkgs lxd-client acl tcpdump"
+pkgs="runc busybox-static mmdebstrap util-linux redis-server"
+[ "${1:-}" = "--test" ] && pkgs="$pkgs lxd-client acl tcpdump iproute2"
 missing=""
 for p in $pkgs; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -24,5 +26,10 @@ getent group execbroker >/dev/null || groupadd --system execbroker
 python3 "$(dirname "$0")/../node_agent/runtime/idranges.py" claim >/dev/null
 [ -z "$missing" ] && exit 0
 export DEBIAN_FRONTEND=noninteractive
+if [ ! -e /usr/sbin/policy-rc.d ]; then  # no service starts during the install (redis-server's would)
+  printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+  chmod 755 /usr/sbin/policy-rc.d
+  trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+fi
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends $missing >/dev/null
