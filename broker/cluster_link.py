@@ -250,11 +250,18 @@ class ClusterLink:
         try:
             return await self.member_link.call(member, info.address, method, args, timeout)
         except Unreachable:
-            await self.refresh()  # a restarted agent listens elsewhere: its registration says where
-            fresh = self.member(member)
-            if not fresh.alive or fresh.address == info.address:
+            moved = await self.moved(info.address)
+            if moved is None:
                 raise
-            return await self.member_link.call(member, fresh.address, method, args, timeout)
+            return await self.member_link.call(member, moved, method, args, timeout)
+
+    async def moved(self, address: str) -> str | None:
+        """Where the member that listened at ``address`` listens now, if it moved (a restarted agent
+        listens elsewhere: its registration says where); None if it did not or is gone."""
+        name = next((n for n, i in self.members.items() if i.address == address), None)
+        await self.refresh()
+        fresh = self.members.get(name) if name is not None else None
+        return fresh.address if fresh is not None and fresh.alive and fresh.address != address else None
 
     def https_addresses(self) -> list[str]:
         """Where clients may reach the cluster: every alive member's HTTPS listener."""

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from broker import fanout
 from broker.cluster_link import ClusterLink
-from broker.member_link import Proxied
+from broker.member_link import Proxied, Unreachable
 from broker.members import member_json, offline_instance
 from broker.placement import choose_member
 from broker.remote_ops import RemoteOps
@@ -328,7 +328,13 @@ class Frontend:
         """A request relayed to the member that owns what it names (files: streamed both ways)."""
         assert self.link is not None
         self._forwarded["file"]()
-        return await self.link.member_link.stream(member, address, method, path, params, headers, body, who)
+        try:
+            return await self.link.member_link.stream(member, address, method, path, params, headers, body, who)
+        except Unreachable:  # not a byte of the body was read: it can go to where the member moved
+            moved = await self.link.moved(address)
+            if moved is None:
+                raise
+            return await self.link.member_link.stream(member, moved, method, path, params, headers, body, who)
 
     # -- exec audit ---------------------------------------------------------------------------------
     async def audit_records(self, limit: int, project: str | None, who: Identity) -> list[dict[str, Any]]:
@@ -408,7 +414,13 @@ class Frontend:
         """The owner's exec websocket for a relay (over the member link)."""
         assert self.link is not None
         self._forwarded["websocket"]()
-        return await self.link.member_link.dial_exec_socket(address, op_id, secret, who, offset)
+        try:
+            return await self.link.member_link.dial_exec_socket(address, op_id, secret, who, offset)
+        except Unreachable:
+            moved = await self.link.moved(address)
+            if moved is None:
+                raise
+            return await self.link.member_link.dial_exec_socket(moved, op_id, secret, who, offset)
 
     def precheck_relay(self, op_id: str, secret: str, who: Identity) -> bool:
         return self.remote.precheck_relay(op_id, secret, who)

@@ -135,6 +135,8 @@ class MemberLink:
             response = await client.send(request, stream=True)
         except httpx.PoolTimeout:
             raise Unavailable(f"Too many transfers to cluster member {member} at once; try again") from None
+        except httpx.ConnectError as exc:
+            raise Unreachable(f"Cluster member {member} is unreachable: {type(exc).__name__}") from None
         except httpx.HTTPError as exc:
             raise Unavailable(f"Cluster member {member} is unreachable: {type(exc).__name__}") from None
         return Proxied(response)
@@ -154,6 +156,8 @@ class MemberLink:
             except ValueError:
                 message = exc.response.reason_phrase
             raise ApiError(message, exc.response.status_code) from None
+        except ConnectionRefusedError as exc:
+            raise Unreachable(f"Cannot reach the cluster member at {address}: {exc}") from None
         except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
             raise Unavailable(f"Cannot reach the cluster member at {address}: {exc}") from None
 
