@@ -39,7 +39,8 @@ from core.trust import Certificate
 def create_app(backend: Frontend, trust: Callable[[str], Certificate | None] = lambda _fp: None,
                admin_group: int | None = None, max_body: int = MAX_BODY) -> FastAPI:
     app = FastAPI(title="execbroker", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
-    app.add_middleware(BodyLimit, limit=max_body, unbounded=files.is_push)  # a file's size is the disk's
+    app.add_middleware(BodyLimit, limit=max_body,  # a file's size is the disk's; a member's batch its own
+                       unbounded=lambda scope: files.is_push(scope) or internal.is_member_request(scope))
     app.add_middleware(Authenticate, trust=trust, admin_group=admin_group)  # outermost: runs first
 
     @app.exception_handler(ApiError)

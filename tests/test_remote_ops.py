@@ -105,3 +105,10 @@ def test_lost_keeps_the_byte_count_true() -> None:
     assert cache.bytes == size_of(lost) + size_of(op("done", 200))
     assert cache.running_on("m2") == []
     assert cache.lost("done", "m2") == op("done", 200)  # a finished one is shown as it ended
+
+
+def test_lost_with_the_reason_given() -> None:
+    cache = RemoteOps()
+    cache.remember(op("r"), "m2", "default")
+    lost = cache.lost("r", "m2", "The agent of cluster member m2 stopped")
+    assert lost is not None and (lost["status"], lost["err"]) == ("Failure", "The agent of cluster member m2 stopped")
