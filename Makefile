@@ -41,5 +41,12 @@ fuzz: $(VENV)/.installed
 	sh deploy/system-deps.sh --test
 	$(BIN)/python -m bench.run --only fuzz --no-profile
 
+# 10,000 mixed execs (lxc exec, lxc exec -t, task; local and forwarded), 50 at a time, on a 2-node cluster of
+# its own: fails on any hang, lost final event, wrong exit code, or agent fds/threads/children/RSS not flat.
+.PHONY: soak
+soak: $(VENV)/.installed
+	sh deploy/system-deps.sh --test
+	$(BIN)/python -m bench.soak
+
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
