@@ -112,3 +112,24 @@ def test_lost_with_the_reason_given() -> None:
     cache.remember(op("r"), "m2", "default")
     lost = cache.lost("r", "m2", "The agent of cluster member m2 stopped")
     assert lost is not None and (lost["status"], lost["err"]) == ("Failure", "The agent of cluster member m2 stopped")
+
+
+def test_finished_operations_go_after_their_time_running_ones_stay() -> None:
+    now = [100.0]
+    cache = RemoteOps(finished_for=10.0, clock=lambda: now[0])
+    cache.remember(op("run"), "m2", "default")
+    cache.remember(op("done", 200), "m2", "default")
+    cache.forwarded_websocket("done", WHO)
+    now[0] = 109.0
+    cache.remember(op("later", 200), "m2", "default")
+    assert cache.last("done") is not None  # still within its 10 s
+    now[0] = 110.5
+    cache.remember(op("run2"), "m2", "default")  # any change expires what is due
+    assert cache.last("done") is None and cache.last("later") is not None and cache.last("run") is not None
+    assert cache.bytes == sum(size_of(op(i, c)) for i, c in (("run", 103), ("later", 200), ("run2", 103)))
+    assert not cache.precheck_relay("done", FDS["0"], WHO)  # its relay record went with it
+    lost = cache.lost("run", "m2")  # a lost member's operation is finished from now on: its clock starts
+    assert lost is not None and lost["status"] == "Failure"
+    now[0] = 121.0
+    cache.remember(op("x"), "m2", "default")
+    assert cache.last("run") is None and cache.last("later") is None
