@@ -31,7 +31,7 @@ from core.replay import ReplayBuffer, capacity_of
 from core.session_state import SessionState
 from node_agent.asciicast import Recorder
 from node_agent.deadline import Deadline
-from node_agent.fdio import CHUNK, OutputReader, close_quietly, make_pipe, write_fully
+from node_agent.fdio import CHUNK, OutputReader, close_quietly, make_pipe, set_nonblocking, write_fully
 from node_agent.runtime.spawn import Process
 from node_agent.session import SessionIO, SpawnFn, _ignore, _Socket
 
@@ -205,6 +205,7 @@ class DetachedSession(SessionIO):
             outputs = {"0": self._pty_master}
         else:
             in_r, self._stdin_w = make_pipe()
+            set_nonblocking(self._stdin_w)  # write_all waits for room: a blocking write would stop the loop
             out_r, out_w = make_pipe()
             err_r, err_w = make_pipe()
             try:

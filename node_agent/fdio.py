@@ -106,7 +106,7 @@ def write_fully(fd: int, data: bytes | bytearray | memoryview) -> None:
 
 
 async def write_all(fd: int, data: bytes | memoryview) -> None:
-    """Write everything, waiting for room; raises BrokenPipeError when the reader has gone."""
+    """Write everything to a non-blocking fd, waiting for room; raises BrokenPipeError when the reader has gone."""
     loop = asyncio.get_running_loop()
     view = memoryview(data)
     while view:

@@ -22,7 +22,7 @@ from core.operations import Operation
 from core.session_state import Phase, SessionState
 from node_agent.asciicast import Recorder
 from node_agent.deadline import Deadline, outcome
-from node_agent.fdio import OutputReader, close_quietly, make_pipe, write_all
+from node_agent.fdio import OutputReader, close_quietly, make_pipe, set_nonblocking, write_all
 from node_agent.runtime.spawn import Process, SpawnRequest
 
 log = logging.getLogger(__name__)
@@ -192,6 +192,7 @@ class ExecSession(SessionIO):
             mine: tuple[int, ...] = ()
         else:
             in_r, in_w = make_pipe()
+            set_nonblocking(in_w)  # write_all waits for room: a blocking write would stop the loop
             out_r, out_w = make_pipe()
             err_r, err_w = make_pipe()
             mine = (in_w, out_r, err_r)
