@@ -10,10 +10,12 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import Broker
-from tests.fuzz.execs import ControlCase, control
+from tests.fuzz.execs import ControlCase, attached, control
 from tests.fuzz.files import FileCase, files
+from tests.fuzz.frames import WS_MAX, Data, FramesCase, ws_frames
 from tests.fuzz.props import Fuzz, run_target, settle, snapshot
 from tests.fuzz.targets import cleanup, prepare, targets
+from tests.fuzz.values import pattern
 
 pytestmark = pytest.mark.broker
 
@@ -59,3 +61,20 @@ def test_failed_pushes_leak_no_fd(fz: Fuzz, stopped: bool) -> None:
     for _ in range(5):
         fz.run(files(fz, FileCase(stopped, "POST", "/tmp/" + "a" * 300, "path", {}, b"x")))
     fz.run(settle(fz, before))
+
+
+@pytest.mark.parametrize("detachable", [False, True])
+def test_large_stdin_messages_never_block_the_agent(fz: Fuzz, detachable: bool) -> None:
+    """A stdin message larger than the pipe is written as the command reads it. The agent's end of the
+    stdin pipe was blocking: its whole event loop waited in write(), and as it no longer drained cat's
+    output, cat stopped reading: every client of the node hung, for good."""
+    async def run() -> None:
+        op = await fz.exec_op(["cat"], detachable=detachable)
+        async with attached(fz, op) as session:
+            data = pattern(WS_MAX)
+            assert await session.send("0", data) and await session.send("0", "")
+            final, got = await session.ended(fz)
+            assert final["metadata"]["return"] == 0 and got["1"] == data, (final, len(got["1"]))
+
+    fz.run(run(), 120)
+    fz.run(ws_frames(fz, FramesCase(False, "0", (Data(False, WS_MAX), Data(False, WS_MAX)))), 120)

@@ -152,7 +152,7 @@ ITEMS: st.SearchStrategy[Item] = weighted(
                   st.booleans())),
     (1, st.builds(Ping, st.integers(0, 125), st.one_of(st.just(1), st.integers(10, 3000)))),
     (1, st.builds(Pong, st.integers(0, 125))),
-    (1, st.builds(Close, st.one_of(st.none(), st.sampled_from(sorted(VALID_CLOSE)[:12]), st.integers(0, 70000)),
+    (1, st.builds(Close, st.one_of(st.none(), st.sampled_from(sorted(VALID_CLOSE)[:12]), st.integers(0, 65535)),
                   st.one_of(st.just(b""), st.text(max_size=20).map(str.encode), st.just(b"\xff\xfe")))),
     (1, st.builds(Bad, st.sampled_from(sorted(BAD)))),
     (1, st.builds(Unfinished, st.integers(10, 70000), st.integers(0, 9))),
@@ -178,6 +178,13 @@ class Plan:
         """Whether all of ``delivered`` arrives: after a protocol error or a dropped connection, uvicorn
         may lose what came in the same read as the end (then only a prefix of it arrives)."""
         return self.end in ("open", "close")
+
+    @property
+    def close_seen(self) -> bool:
+        """Whether the client must get the server's close frame: not when the server closes while the
+        client still writes a message past the bound (a failed write makes asyncio drop what it received)."""
+        last = self.items[-1] if self.items else None
+        return not (isinstance(last, Data) and len(last.payload) > WS_MAX)
 
     @property
     def lost(self) -> bool:
@@ -249,7 +256,8 @@ async def _send(raw: fw.RawSocket, plan: Plan, case: FramesCase) -> None:
     elif plan.end in ("error", "close"):
         await within(raw.closed(REQUEST_TIMEOUT), REQUEST_TIMEOUT + 1, f"the server to close after {plan.end}")
         if plan.end == "error" and not (case.fd == "0" and plan.text_seen):  # else cat may have ended first
-            assert raw.close_code == plan.code, f"closed with {raw.close_code}, {plan.code} expected"
+            assert raw.close_code == plan.code or (raw.close_code is None and not plan.close_seen), \
+                f"closed with {raw.close_code}, {plan.code} expected"
 
 
 async def _end_input(session: Session, raw: fw.RawSocket, plan: Plan, case: FramesCase) -> None:
