@@ -193,6 +193,13 @@ class EdgeWebSocketProtocol(WebSocketsSansIOProtocol):
         self.transport.close()
         self.loop.call_later(CLOSE_GRACE, self.transport.abort)  # a no-op once the connection is gone
 
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
+            # a refusal (send_denial_response) answers the handshake; uvicorn leaves it "incomplete" and
+            # logs "ASGI callable returned without completing handshake." as an ERROR for every one
+            self.handshake_complete = True
+
     def send_receive_event_to_app(self) -> None:
         """A text message that is not UTF-8 closes the socket with 1007, as uvicorn does, but without
         uvicorn's ERROR and traceback in the agent's log: the error is the client's, and any client could

@@ -231,6 +231,23 @@ def _tail(path: Path, offset: int) -> bytes:
         return f.read()
 
 
+async def test_refused_upgrades_log_no_error(broker: Broker, raw: Raw, c1: str) -> None:
+    """A refused websocket (its envelope sent before the upgrade) is the handshake's answer: uvicorn logged
+    "ASGI callable returned without completing handshake." as an ERROR for each (found by tests/test_fuzz.py)."""
+    _, log = _agent(broker)
+    logged = log.stat().st_size
+    op = await raw.exec_op(c1, ["cat"])
+    try:
+        for secret in ("nope", "", op["metadata"]["fds"]["0"] + "&offset=x"):
+            status, doc = await raw.handshake_status(f"ws://eb/1.0/operations/{op['id']}/websocket?secret={secret}")
+            assert status in (400, 403, 500) and doc["error_code"] == status, (status, doc)
+    finally:
+        async with raw.client() as c:
+            await c.delete(f"/1.0/operations/{op['id']}")
+    assert b"ERROR" not in _tail(log, logged)
+    _ok(broker)
+
+
 def _rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
