@@ -55,8 +55,8 @@ def _run(socket: Path, ray_dir: Path, examples: int, seed: int, names: list[str]
             try:
                 outcome = run_target(fz, target, examples, seed_value=seed, shrink=True)
             except Exception as exc:  # noqa: BLE001 - reported, the other targets still run
-                text = "".join(traceback.format_exception(exc))
-                outcome = Outcome(target.name, -1, time.monotonic() - started, text[-6000:])
+                text = "".join(traceback.format_exception(exc))  # hypothesis' falsifying example is in it
+                outcome = Outcome(target.name, -1, time.monotonic() - started, text)
             print(f"fuzz: {target.name}: {outcome.examples} examples in {outcome.seconds:.0f} s, failures = "
                   f"{1 if outcome.failure else 0}", file=sys.stderr, flush=True)
             if outcome.failure:
@@ -76,7 +76,7 @@ async def run(ctx: Context) -> list[Row]:
                                        names, time.monotonic() + budget * 0.8)
     failed = [o for o in outcomes if o.failure]
     for o in failed:
-        ctx.notes.append(f"fuzz {o.target} (seed {seed}): {o.failure}")
+        ctx.notes.append(f"fuzz {o.target} (seed {seed}): {o.failure[-20000:]}")
     total = sum(max(o.examples, 0) for o in outcomes)
     print(f"fuzz: {len(outcomes)} targets, {total} examples, seed {seed}, failures = {len(failed)}",
           file=sys.stderr, flush=True)
