@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "execbroker"
 PERIOD = 1.0
+MOVED_TIMEOUT = 2.0  # seconds to learn where a member that refused a connection listens now
 
 
 def agent_name(node_id: str) -> str:
@@ -69,6 +70,7 @@ class ClusterLink:
                  inventory: Callable[[], tuple[list[str], list[str]]],
                  on_member_lost: Callable[[str, str], None],
                  on_members: Callable[[int], None] | None = None,
+                 on_member_restarted: Callable[[str], None] = lambda _name: None,
                  https: Callable[[], str] = lambda: "") -> None:
         self.name = name
         self.node_id = node_id
@@ -79,6 +81,7 @@ class ClusterLink:
         self._inventory = inventory
         self._on_member_lost = on_member_lost
         self._on_members = on_members
+        self._on_member_restarted = on_member_restarted
         self.directory = get_directory()
         self.members: dict[str, MemberInfo] = {}
         self._epoch = ""
@@ -137,7 +140,7 @@ class ClusterLink:
                 self._on_member_lost(name, "")
             if old is not None and old.address != info.address:
                 if info.alive and name != self.name:  # a new agent: what the old one ran died with it
-                    self._on_member_lost(name, f"The agent of cluster member {name} stopped")
+                    self._on_member_restarted(name)
                 await self.member_link.forget(old.address)
         peers = any(i.alive and n != self.name for n, i in self.members.items())
         if peers and not self._peers:  # a first peer: from now on it may ask about our live operations
@@ -250,17 +253,22 @@ class ClusterLink:
         try:
             return await self.member_link.call(member, info.address, method, args, timeout)
         except Unreachable:
-            moved = await self.moved(info.address)
+            moved = await self.moved(member, info.address)
             if moved is None:
                 raise
             return await self.member_link.call(member, moved, method, args, timeout)
 
-    async def moved(self, address: str) -> str | None:
-        """Where the member that listened at ``address`` listens now, if it moved (a restarted agent
-        listens elsewhere: its registration says where); None if it did not or is gone."""
-        name = next((n for n, i in self.members.items() if i.address == address), None)
-        await self.refresh()
-        fresh = self.members.get(name) if name is not None else None
+    async def moved(self, member: str, address: str) -> str | None:
+        """Where ``member``, which listened at ``address``, listens now if it moved (a restarted agent
+        listens elsewhere: its registration says where); None if it did not, is gone, or the directory
+        does not answer within MOVED_TIMEOUT (a lost head)."""
+        fresh = self.members.get(member)
+        if fresh is None or fresh.address == address:
+            try:
+                await asyncio.wait_for(self.refresh(), MOVED_TIMEOUT)
+            except Exception:  # noqa: BLE001 - the caller's own error stands
+                return None
+            fresh = self.members.get(member)
         return fresh.address if fresh is not None and fresh.alive and fresh.address != address else None
 
     def https_addresses(self) -> list[str]:

@@ -8,7 +8,9 @@ cluster link (tests of one node) everything is local.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +35,7 @@ from node_agent.service import NodeService, check_instance_name
 if TYPE_CHECKING:
     from broker.admin import Admin
 
+log = logging.getLogger(__name__)
 OWNER_CHECK_TIMEOUT = 2.0  # seconds for an owner to say whether it still runs an operation
 
 
@@ -49,6 +52,7 @@ class Frontend:
         self._owner_cache: dict[str, str] = {}  # instance key -> member
         self._forwarded = {kind: service.metrics.forwarded.labels(kind).inc for kind in ("call", "websocket", "file")}
         self.remote = RemoteOps()
+        self._checks: set[asyncio.Task[None]] = set()  # owners being asked about operations
 
     # -- ownership ----------------------------------------------------------------------------------
     async def _instance_owner(self, key: str, fresh: bool = False) -> str:
@@ -136,12 +140,34 @@ class Frontend:
         agent stopped; a new one never knew it), it ends here now, for every listener, instead of when the
         new agent registers."""
         owner, last = self.remote.owner_of(op_id), self.remote.last(op_id)
-        if owner is None or last is None or last["status_code"] >= 200 or self.link is None:
+        if owner is not None and last is not None and last["status_code"] < 200:
+            await self._ask_owner(op_id, owner, who)
+
+    def member_restarted(self, member: str) -> None:
+        """A member's agent was replaced (its listener moved): what the old agent ran died with it, what
+        the new one already runs did not; the new one says which is which."""
+        running = self.remote.running_on(member)
+        if running:
+            task = asyncio.get_running_loop().create_task(self._ask_owner_each(member, running))
+            self._checks.add(task)
+            task.add_done_callback(self._checks.discard)
+
+    async def _ask_owner_each(self, member: str, op_ids: list[str]) -> None:
+        who = self.local.local_identity()
+        for op_id in op_ids:
+            await self._ask_owner(op_id, member, who)
+
+    async def _ask_owner(self, op_id: str, owner: str, who: Identity) -> None:
+        """End the operation here if its owner does not know it (NotFound) or nobody listens where the
+        owner was (Unreachable: its agent is gone); anything else (slow, busy) is left to membership."""
+        if self.link is None:
             return
         try:
             await self.link.call(owner, "get_operation", op_id, who, timeout=OWNER_CHECK_TIMEOUT)
-        except (Unavailable, NotFound):
+        except (NotFound, Unreachable):
             self._op_lost(op_id, owner, f"The agent of cluster member {owner} stopped")
+        except Exception as exc:  # noqa: BLE001 - a check that could not be made decides nothing
+            log.info("operation %s: owner %s not asked: %s", op_id, owner, exc)
 
     # -- server and cluster -------------------------------------------------------------------------
     def cluster(self) -> dict[str, Any]:
@@ -331,7 +357,7 @@ class Frontend:
         try:
             return await self.link.member_link.stream(member, address, method, path, params, headers, body, who)
         except Unreachable:  # not a byte of the body was read: it can go to where the member moved
-            moved = await self.link.moved(address)
+            moved = await self.link.moved(member, address)
             if moved is None:
                 raise
             return await self.link.member_link.stream(member, moved, method, path, params, headers, body, who)
@@ -416,8 +442,9 @@ class Frontend:
         self._forwarded["websocket"]()
         try:
             return await self.link.member_link.dial_exec_socket(address, op_id, secret, who, offset)
-        except Unreachable:
-            moved = await self.link.moved(address)
+        except Unreachable:  # a new operation of a restarted agent this member has not seen move yet
+            member = next((n for n, i in self.link.members.items() if i.address == address), None)
+            moved = await self.link.moved(member, address) if member is not None else None
             if moved is None:
                 raise
             return await self.link.member_link.dial_exec_socket(moved, op_id, secret, who, offset)

@@ -6,8 +6,10 @@ member table, trust store) being lost.
 (no plaintext port), on loopback (the GCS is its only client and runs on this machine), clients
 authenticated by a certificate (no password: Ray would put one on every worker's command line), its
 append-only file in ``<data>/gcs-redis``, so a restarted head (or Redis) finds everything again.
-``--redis HOST:PORT`` names an existing Redis instead (``rediss://HOST:PORT`` for TLS; its password, if
-any, in ``RAY_REDIS_PASSWORD``), as KubeRay's ``RAY_REDIS_ADDRESS`` does.
+``--redis HOST:PORT`` names an existing Redis instead (``rediss://HOST:PORT`` for TLS, with Ray's
+``RAY_REDIS_CA_CERT``, ``RAY_REDIS_CLIENT_CERT`` and ``RAY_REDIS_CLIENT_KEY`` in the environment), as
+KubeRay's ``RAY_REDIS_ADDRESS`` does; Ray 2.60 takes a Redis password only on its command line, which
+``up`` does not pass.
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ CONFIG = """\
 bind {host}
 port 0
 tls-port {port}
-tls-cert-file {dir}/redis.crt
-tls-key-file {dir}/redis.key
-tls-ca-cert-file {dir}/ca.crt
+tls-cert-file "{dir}/redis.crt"
+tls-key-file "{dir}/redis.key"
+tls-ca-cert-file "{dir}/ca.crt"
 tls-auth-clients yes
 tls-replication no
 protected-mode yes
-dir {dir}
+dir "{dir}"
+pidfile "{dir}/redis.pid"
 appendonly yes
 appendfsync always
 save ""
@@ -97,7 +100,10 @@ class LocalRedis:
                 raise RuntimeError(f"redis-server exited; see {self.dir / 'redis.log'}")
             try:
                 with socket.create_connection((LOOPBACK, self.port), timeout=1):
+                    pass
+                if self.proc.poll() is None:  # ours listens (not a leftover that made ours fail)
                     return
+                continue
             except OSError:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"redis-server did not listen on {self.port}") from None

@@ -102,6 +102,9 @@ class RemoteOps:
 
     def remember(self, op: dict[str, Any], owner: str, project: str) -> None:
         op_id = op["id"]
+        known = self._entries.get(op_id)
+        if known is not None and known.op["status_code"] >= 200 and op["status_code"] < 200:
+            return  # a late reply (a forward's 202) after the final event: the end stands
         self._drop(op_id)
         stored, size = trim(op, self.entry_bytes)
         self._entries[op_id] = entry = _Entry(owner, project, stored, size)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from broker.gcs_store import LocalRedis, external_env
-from broker.raynode import advertised_ip, route_ip
+from broker.raynode import HEALTH_CHECKS, LOOPBACK_NODE_IP, advertised_ip, route_ip
 
 if TYPE_CHECKING:
     from broker.raynode import RayNode
@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
     }
     os.environ.update(env)
+    for knob, value in HEALTH_CHECKS.items():  # this driver's own core worker waits for a lost GCS too
+        os.environ.setdefault(knob, value)
     _ensure_auth_token(head=not address)
     # Ray reads RAY_AUTH_MODE when it is imported: import it only now.
     import ray
@@ -146,7 +148,7 @@ def _forget_stale_head(address: str | None) -> None:
     """A head restarting on its GCS store: Ray's pointer to "the cluster last started here" names this
     very address, and on one machine the members' raylets (waiting for the GCS to return) name it too, so
     `ray start --head` would take the dead head for a running one and refuse."""
-    pointer = Path(os.environ.get("RAY_TMPDIR") or "/tmp") / "ray" / "ray_current_cluster"
+    pointer = Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp") / "ray" / "ray_current_cluster"
     try:
         if pointer.read_text().strip() == address:
             pointer.unlink()
@@ -178,8 +180,17 @@ def _node_ip(given: str | None, address: str | None, clustered: bool) -> str:
         return given
     if address:
         host, _, port = address.rpartition(":")
-        return route_ip(host, int(port or 6379))
-    return route_ip() if clustered else "127.0.0.1"
+        ip = route_ip(host, int(port or 6379))
+        if ip == LOOPBACK_NODE_IP and not host.strip("[]").startswith("127."):  # no route to the head
+            raise SystemExit(f"execbroker: no route to the head {address}: give --node-ip, or check the address")
+        return ip
+    if not clustered:
+        return "127.0.0.1"
+    outward = route_ip()
+    if outward.startswith("127."):
+        raise SystemExit("execbroker: no route off this machine to pick an address others can dial: "
+                         "give --node-ip")
+    return outward
 
 
 def _wait_for_gcs(node: RayNode, timeout: float = 120.0) -> str:
@@ -213,7 +224,7 @@ def _wait_until_listed(name: str, node_id: str, timeout: float = 60.0) -> None:
         waiting = []
         for peer in peers:
             try:
-                listed = ray.get(_wait_for_agent(agent_name(peer), timeout=0).lists_member.remote(name),
+                listed = ray.get(_wait_for_agent(agent_name(peer), timeout=0).lists_member.remote(name, node_id),
                                  timeout=10)
             except (RuntimeError, ray.exceptions.RayError):
                 continue  # an agent that is not there (yet) lists us when it starts
@@ -221,8 +232,9 @@ def _wait_until_listed(name: str, node_id: str, timeout: float = 60.0) -> None:
                 waiting.append(peer)
         if not waiting:
             return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"members on nodes {waiting} do not list {name} after {timeout}s")
+        if time.monotonic() > deadline:  # serve anyway: those members list it once they refresh
+            print(f"execbroker: members on nodes {waiting} do not list {name} after {timeout}s", file=sys.stderr)
+            return
         time.sleep(0.1)
 
 

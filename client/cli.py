@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "can be lost and restarted: 'local' runs redis-server under the data dir, or "
                          "HOST:PORT (rediss://HOST:PORT) names an existing one")
     up.add_argument("--cluster", action="store_true",
-                    help="head only: report as a cluster member from the start (joining nodes always do)")
+                    help="head only: start a cluster other machines join (advertises this machine's outward "
+                         "address unless --node-ip says otherwise; without it the head keeps to loopback)")
 
     launch = sub.add_parser("launch", help="create and start an instance")
     launch.add_argument("name")

@@ -9,7 +9,8 @@
 # member lists every other one. Without BASE, `up` makes a new directory (mktemp, owned by the caller) and
 # records it in ~/.execbroker-cluster, which the other commands read. With redis-server installed the head
 # runs with Ray's GCS fault tolerance (`--redis local`; LOCAL_CLUSTER_REDIS=0 turns it off): `kill 1`
-# then `node 1` loses and restores the head while the other members keep serving.
+# then `node 1` loses and restores the head while the other members keep serving (without Redis, `node 1`
+# starts a new, empty cluster).
 # Use a node with:  LXD_DIR=BASE/node2 lxc exec c1 -- hostname
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,19 +20,22 @@ cmd=${1:-}
 case "$cmd" in
   up|node|kill) base=${3:-} ;;
   down) base=${2:-} ;;
-  *) sed -n '2,11p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,14p' "$0" >&2; exit 2 ;;
 esac
 if [ -z "$base" ] && [ "$cmd" = up ]; then
   base=$(mktemp -d "${TMPDIR:-/tmp}/execbroker-cluster.XXXXXX")
+  chmod 711 "$base"
   echo "$base" >"$pointer"
 elif [ -z "$base" ]; then
   [ -f "$pointer" ] || { echo "local-cluster: no cluster recorded in $pointer; give BASE" >&2; exit 2; }
   base=$(cat "$pointer")
 fi
 # Its pid files are fed to kill: only a directory of the caller's own that nobody else may write.
-mkdir -p "$base"
-[ -O "$base" ] && [ ! -L "$base" ] || { echo "local-cluster: $base is not the caller's own directory" >&2; exit 2; }
-chmod 711 "$base"  # others pass (instances reach their root filesystems below it), nobody lists or writes
+# Others pass it (instances reach their root filesystems below it); nobody lists or writes it.
+[ -e "$base" ] || mkdir -m 711 "$base"
+if [ -L "$base" ] || [ ! -O "$base" ] || [ -n "$(find "$base" -maxdepth 0 -perm /022)" ]; then
+  echo "local-cluster: $base is not a directory of the caller's own that only the caller may write" >&2; exit 2
+fi
 export RAY_TMPDIR=${RAY_TMPDIR:-$base/ray}
 
 wait_ready() {  # $1 node dir: until its log says it serves (or its broker died)
@@ -110,7 +114,8 @@ case "$cmd" in
     rm -f "$base/node$k/up.pid"
     ;;
   down)
-    for dir in $(ls -d "$base"/node* 2>/dev/null | sort -r); do stop_node "$dir"; done
+    k=$(ls -d "$base"/node* 2>/dev/null | wc -l)
+    while [ "$k" -ge 1 ]; do stop_node "$base/node$k"; k=$((k - 1)); done
     echo "local-cluster: down"
     ;;
 esac

@@ -72,7 +72,7 @@ class NodeAgent:
         self._tasks: list[asyncio.Task[None]] = []
         self._parent = os.getppid()
         if ray.get_runtime_context().was_current_actor_reconstructed:
-            self._restart = asyncio.get_event_loop().create_task(self.start())
+            self._restart = asyncio.get_event_loop().create_task(self._start_or_exit())
 
     async def start(self) -> dict[str, Any]:
         """Adopt the node's instances, join the directory, serve the API; idempotent."""
@@ -85,6 +85,15 @@ class NodeAgent:
         return {"socket": str(self.server.path), "pid": os.getpid(), "node_id": self.node_id,
                 "name": self.name, "address": self.server.member_address, "https": self.server.https_address,
                 "driver": self.service.instances.driver_name}
+
+    async def _start_or_exit(self) -> None:
+        """A restarted agent's own start: one that fails ends the process, and Ray starts another."""
+        try:
+            await self.start()
+        except Exception:  # noqa: BLE001 - logged, then a fresh process tries again
+            log.exception("restarted agent failed to start: exiting for Ray to restart it")
+            await asyncio.sleep(1.0)
+            os._exit(1)
 
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -114,6 +123,7 @@ class NodeAgent:
         self._apply_limits()
         link = ClusterLink(self.name, self.node_id, "", MemberLink(self.name, cert.cert_path, cert.key_path),
                            self.service.inventory, on_member_lost=self.frontend.member_lost,
+                           on_member_restarted=self.frontend.member_restarted,
                            on_members=lambda n: self.service.set_clustered(n > 1),
                            https=lambda: app_server.https_address)
         await app_server.start_member(await self._node_ip())
@@ -184,15 +194,16 @@ class NodeAgent:
     async def ready(self) -> bool:
         return self.server is not None
 
-    async def lists_member(self, name: str) -> bool:
-        """Whether this member lists ``name`` as online (refreshing its table first if it does not)."""
+    async def lists_member(self, name: str, node_id: str) -> bool:
+        """Whether this member lists ``name`` online on Ray node ``node_id`` (refreshing its table first if
+        not: a member restarted on the same name is a new node)."""
         if self.link is None:
             return False
         info = self.link.members.get(name)
-        if info is None or not info.alive:
+        if info is None or not info.alive or info.node_id != node_id:
             await self.link.refresh()
             info = self.link.members.get(name)
-        return info is not None and info.alive
+        return info is not None and info.alive and info.node_id == node_id
 
     async def check_health(self) -> None:
         if self.server is None:

@@ -133,3 +133,10 @@ def test_finished_operations_go_after_their_time_running_ones_stay() -> None:
     now[0] = 121.0
     cache.remember(op("x"), "m2", "default")
     assert cache.last("run") is None and cache.last("later") is None
+
+
+def test_a_late_running_reply_never_undoes_a_final_event() -> None:
+    cache = RemoteOps()
+    cache.remember(op("fast", 200), "m2", "default")  # the Success event came first
+    cache.remember(op("fast"), "m2", "default")  # then the forward's 202 with the running state
+    assert cache.last("fast") == op("fast", 200) and cache.running_on("m2") == []
