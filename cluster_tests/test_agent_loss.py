@@ -67,7 +67,7 @@ async def test_agent_killed_during_50_execs(cluster: Cluster) -> None:
 
     os.kill(old, signal.SIGKILL)
     killed = time.monotonic()
-    done, hung = await asyncio.wait(clients, timeout=CLIENTS_END)
+    _, hung = await asyncio.wait(clients, timeout=CLIENTS_END)
     ended = time.monotonic() - killed
     for task in hung:
         task.cancel()

@@ -15,7 +15,6 @@ from broker import rpc
 from broker.frontend import Frontend
 from core.errors import BadRequest
 
-
 EVENTS_BODY = 64 << 20  # one batch of events between members (fan-out results alone can be several MiB)
 
 
