@@ -55,7 +55,7 @@ from bench.harness import raise_nofile
 from bench.wire import Api
 from node_agent.runtime import cgroups
 from node_agent.service import cgroup_parent
-from tests.conftest import Endpoint, assert_no_leftovers, private_base, wait_for
+from tests.conftest import Endpoint, assert_no_leftovers, members_online, private_base, wait_for
 
 KINDS = ("websocket", "interactive", "task")
 FINAL = {"Success", "Failure", "Cancelled"}
@@ -768,7 +768,7 @@ class SoakCluster:
 
     def start(self) -> None:
         self.script("up", str(self.n))
-        wait_for(lambda: _members_online(self.node(1), self.n), 60, f"{self.n} members online")
+        wait_for(lambda: members_online(self.node(1), self.n), 60, f"{self.n} members online")
         for name, target in self.instances.items():
             self.node(1).launch(name, target=target)
 
@@ -800,14 +800,6 @@ class SoakCluster:
                     problems.append(f"cgroups still holding processes: {left}")
             shutil.rmtree(self.base, ignore_errors=True)
         return problems
-
-
-def _members_online(ep: Endpoint, n: int) -> bool:
-    try:
-        members = ep.api("GET", "/1.0/cluster/members?recursion=1")["metadata"]
-    except Exception:  # noqa: BLE001 - not up yet
-        return False
-    return len([m for m in members if m["status"] == "Online"]) == n
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Endpoint, assert_no_leftovers, private_base, wait_for
+from tests.conftest import Endpoint, assert_no_leftovers, members_online, private_base, wait_for
+
+_members_online = members_online  # the name the cluster tests import
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "deploy" / "local-cluster.sh"
@@ -43,14 +45,6 @@ class Cluster:
         self.node(via).remove(name)
 
 
-def _members_online(ep: Endpoint, n: int) -> bool:
-    try:
-        members = ep.api("GET", "/1.0/cluster/members?recursion=1")["metadata"]
-    except Exception:  # noqa: BLE001 - not up yet
-        return False
-    return len([m for m in members if m["status"] == "Online"]) == n
-
-
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
     base = private_base("ebc-")
@@ -61,7 +55,7 @@ def cluster() -> Iterator[Cluster]:
     try:
         c.script("up", "3", str(base))
         for k in (1, 2, 3):  # `up` returns once every member lists every other one
-            assert _members_online(c.node(k), 3), f"node{k} does not list 3 members online"
+            assert members_online(c.node(k), 3), f"node{k} does not list 3 members online"
         c.launch("ia", "node1")
         c.launch("ic", "node3")
         yield c

@@ -92,6 +92,15 @@ def kill_all(procs: list[tuple[int, str]]) -> None:
 ADMIN_GID = grp.getgrnam("execbroker").gr_gid  # created by deploy/system-deps.sh
 
 
+def members_online(ep: Endpoint, n: int) -> bool:
+    """Whether ``ep`` lists ``n`` cluster members, all Online."""
+    try:
+        members = ep.api("GET", "/1.0/cluster/members?recursion=1")["metadata"]
+    except Exception:  # noqa: BLE001 - not up yet
+        return False
+    return len([m for m in members if m["status"] == "Online"]) == n
+
+
 def private_base(prefix: str) -> Path:
     """A temporary base dir that only root may list; others may only pass through it
     (0711, as LXD's /var/lib/lxd: an instance's root, an unprivileged host uid, reaches its rootfs below).
