@@ -175,6 +175,7 @@ class EdgeWebSocketProtocol(WebSocketsSansIOProtocol):
     Routes find ``close_now`` in the scope's extensions (``closer``)."""
 
     _pong_paused = False  # reading stopped until the pongs written so far are sent (handle_ping)
+    _cut: asyncio.TimerHandle | None = None  # close_now's cut-off of a client that does not read
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -191,7 +192,14 @@ class EdgeWebSocketProtocol(WebSocketsSansIOProtocol):
                 self.conn.send_close(code, reason)
                 self.transport.write(b"".join(self.conn.data_to_send()))
         self.transport.close()
-        self.loop.call_later(CLOSE_GRACE, self.transport.abort)  # a no-op once the connection is gone
+        if self._cut is None:
+            self._cut = self.loop.call_later(CLOSE_GRACE, self.transport.abort)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # a transport's abort() after its connection is gone raises (its loop is None by then)
+        if self._cut is not None:
+            self._cut.cancel()
+        super().connection_lost(exc)
 
     async def send(self, message: Any) -> None:
         await super().send(message)
