@@ -19,9 +19,9 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 
@@ -31,6 +31,7 @@ from broker.member_link import MemberLink, Unreachable
 from core.errors import ApiError, Unavailable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 NAMESPACE = "execbroker"
 PERIOD = 1.0
@@ -250,13 +251,21 @@ class ClusterLink:
         info = self.member(member)
         if not info.alive:
             raise Unavailable(f"Cluster member {member} is offline")
+        return await self.at_member(member, info.address,
+                                    lambda at: self.member_link.call(member, at, method, args, timeout))
+
+    async def at_member(self, member: str | None, address: str, send: Callable[[str], Awaitable[T]]) -> T:
+        """``send(address)`` to a member; refused there (``Unreachable``: nothing was sent), once more to
+        where the member listens now if it moved. ``member`` None: whoever listened at ``address``."""
         try:
-            return await self.member_link.call(member, info.address, method, args, timeout)
+            return await send(address)
         except Unreachable:
-            moved = await self.moved(member, info.address)
+            if member is None:
+                member = next((n for n, i in self.members.items() if i.address == address), None)
+            moved = await self.moved(member, address) if member is not None else None
             if moved is None:
                 raise
-            return await self.member_link.call(member, moved, method, args, timeout)
+            return await send(moved)
 
     async def moved(self, member: str, address: str) -> str | None:
         """Where ``member``, which listened at ``address``, listens now if it moved (a restarted agent

@@ -354,13 +354,9 @@ class Frontend:
         """A request relayed to the member that owns what it names (files: streamed both ways)."""
         assert self.link is not None
         self._forwarded["file"]()
-        try:
-            return await self.link.member_link.stream(member, address, method, path, params, headers, body, who)
-        except Unreachable:  # not a byte of the body was read: it can go to where the member moved
-            moved = await self.link.moved(member, address)
-            if moved is None:
-                raise
-            return await self.link.member_link.stream(member, moved, method, path, params, headers, body, who)
+        link = self.link  # refused before a byte of the body was read: it can go to where the member moved
+        return await link.at_member(member, address, lambda at: link.member_link.stream(
+            member, at, method, path, params, headers, body, who))
 
     # -- exec audit ---------------------------------------------------------------------------------
     async def audit_records(self, limit: int, project: str | None, who: Identity) -> list[dict[str, Any]]:
@@ -440,14 +436,9 @@ class Frontend:
         """The owner's exec websocket for a relay (over the member link)."""
         assert self.link is not None
         self._forwarded["websocket"]()
-        try:
-            return await self.link.member_link.dial_exec_socket(address, op_id, secret, who, offset)
-        except Unreachable:  # a new operation of a restarted agent this member has not seen move yet
-            member = next((n for n, i in self.link.members.items() if i.address == address), None)
-            moved = await self.link.moved(member, address) if member is not None else None
-            if moved is None:
-                raise
-            return await self.link.member_link.dial_exec_socket(moved, op_id, secret, who, offset)
+        link = self.link  # a new operation of a restarted agent this member has not seen move yet
+        return await link.at_member(None, address, lambda at: link.member_link.dial_exec_socket(
+            at, op_id, secret, who, offset))
 
     def precheck_relay(self, op_id: str, secret: str, who: Identity) -> bool:
         return self.remote.precheck_relay(op_id, secret, who)

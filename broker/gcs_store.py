@@ -134,6 +134,17 @@ class LocalRedis:
             self.proc.wait(5)
 
 
-def external_env(address: str) -> dict[str, str]:
-    """An existing Redis named by address (``host:port``, ``redis://`` or ``rediss://``)."""
-    return {"RAY_REDIS_ADDRESS": address}
+class ExternalRedis:
+    """An existing Redis named by address (``host:port``, ``redis://`` or ``rediss://``): nothing to run."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    def ray_env(self) -> dict[str, str]:
+        return {"RAY_REDIS_ADDRESS": self.address}
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from broker.gcs_store import LocalRedis, external_env
+from broker.gcs_store import ExternalRedis, LocalRedis
 from broker.raynode import HEALTH_CHECKS, LOOPBACK_NODE_IP, advertised_ip, route_ip
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     store = _gcs_store(getattr(args, "redis", None), directory, head=not address)
     if store is not None:
-        env.update(store.ray_env() if isinstance(store, LocalRedis) else external_env(args.redis))
+        env.update(store.ray_env())
     node = RayNode(head=not address, node_ip=node_ip, name=name, address=address,
                    port=_gcs_port(args, directory, keep=store is not None), env=env, log=directory / "ray.log")
 
@@ -74,7 +74,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         if store is not None:
             _forget_stale_head(node.address)
-        if isinstance(store, LocalRedis):
             store.start()
         node.start()
         ray.init(address=_wait_for_gcs(node), namespace=NAMESPACE, log_to_driver=False,
@@ -113,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             node.stop()
         finally:
-            if isinstance(store, LocalRedis):
+            if store is not None:
                 store.stop()
             if ray.is_initialized():
                 ray.shutdown()
@@ -135,13 +134,13 @@ def _ensure_auth_token(head: bool) -> None:
             f.write(secrets.token_hex(32))
 
 
-def _gcs_store(redis: str | None, directory: Path, head: bool) -> LocalRedis | str | None:
+def _gcs_store(redis: str | None, directory: Path, head: bool) -> LocalRedis | ExternalRedis | None:
     """Where the GCS keeps the cluster's state: a Redis of our own (``local``), one named, or none."""
     if not redis:
         return None
     if not head:
         raise SystemExit("execbroker: --redis is for the head (members reach the GCS through it)")
-    return LocalRedis(directory) if redis == "local" else redis
+    return LocalRedis(directory) if redis == "local" else ExternalRedis(redis)
 
 
 def _forget_stale_head(address: str | None) -> None:
