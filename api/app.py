@@ -26,7 +26,6 @@ from api.routes import (
     files,
     images,
     instances,
-    internal,
     metrics,
     operations,
     server,
@@ -39,8 +38,7 @@ from core.trust import Certificate
 def create_app(backend: Frontend, trust: Callable[[str], Certificate | None] = lambda _fp: None,
                admin_group: int | None = None, max_body: int = MAX_BODY) -> FastAPI:
     app = FastAPI(title="execbroker", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
-    app.add_middleware(BodyLimit, limit=max_body,  # a file's size is the disk's; a member's batch its own
-                       unbounded=lambda scope: files.is_push(scope) or internal.is_member_request(scope))
+    app.add_middleware(BodyLimit, limit=max_body, unbounded=files.is_push)  # a file's size is the disk's
     app.add_middleware(Authenticate, trust=trust, admin_group=admin_group)  # outermost: runs first
 
     @app.exception_handler(ApiError)
@@ -84,5 +82,4 @@ def create_app(backend: Frontend, trust: Callable[[str], Certificate | None] = l
     audit.register(app, backend)
     operations.register(app, backend)
     events.register(app, backend)
-    internal.register(app, backend)
     return app

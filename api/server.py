@@ -4,6 +4,8 @@ uvicorn's signal handling, all serving the same app:
 * the unix socket (always): mode 0660, group ``execbroker`` (root only where the group is missing);
 * the member listener (in a cluster): TLS with the cluster certificate, for members only; a peer that
   does not present the cluster certificate is cut off after the handshake, before any byte is parsed;
+  a member that negotiates ALPN ``execbroker-link/1`` gets ``on_member_link()``'s protocol (its
+  persistent link) instead of HTTP;
 * the HTTPS listener (``core.https_address``): TLS with the cluster certificate; any client certificate
   is taken and identified by its fingerprint (api/auth.py decides what it may do). Re-bound at run time.
 """
@@ -28,6 +30,7 @@ from api.tls import TLSTransport, server_context
 from core.errors import BadRequest
 
 log = logging.getLogger(__name__)
+LINK_ALPN = b"execbroker-link/1"  # broker/mux.py's persistent member link (api/ may not import broker/)
 WS_MAX_MESSAGE = 16 << 20  # a websocket message larger than this closes the socket (1009)
 
 
@@ -142,6 +145,7 @@ class ApiServer:
         self._tls_context: SSL.Context | None = None
         self._cluster_fingerprint = ""
         self.on_https_client: Callable[[str, TLSTransport], None] | None = None
+        self.on_member_link: Callable[[], asyncio.Protocol] | None = None  # a member's persistent link
 
     def _app(self) -> FastAPI:
         assert self.app is not None, "ApiServer.app is not set"
@@ -154,7 +158,7 @@ class ApiServer:
     def set_certificate(self, cert_pem: str, key_pem: str, fingerprint: str) -> None:
         """The cluster certificate: what both TLS listeners present, and what members must present."""
         self._tls_context = server_context(cert_pem, key_pem)
-        self._member_context = server_context(cert_pem, key_pem, require_client_cert=True)
+        self._member_context = server_context(cert_pem, key_pem, require_client_cert=True, alpn=(LINK_ALPN,))
         self._cluster_fingerprint = fingerprint
 
     async def start_member(self, host: str) -> None:
@@ -164,10 +168,14 @@ class ApiServer:
                                                   self._accept_member))
         await self._member.start()
 
-    def _accept_member(self, fingerprint: str, _transport: TLSTransport) -> bool:
+    def _accept_member(self, fingerprint: str, transport: TLSTransport) -> bool:
         ok = bool(fingerprint) and hmac.compare_digest(fingerprint, self._cluster_fingerprint)
         if not ok:
             log.warning("member listener: refused a peer without the cluster certificate")
+        elif transport.get_extra_info("alpn_protocol") == LINK_ALPN:
+            if self.on_member_link is None:
+                return False
+            transport.set_protocol(self.on_member_link())  # the link's frames, not HTTP, from here on
         return ok
 
     def _accept_client(self, fingerprint: str, transport: TLSTransport) -> bool:

@@ -28,9 +28,12 @@ READ_CHUNK = 1 << 18
 CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"  # TLS 1.2: forward-secret AEAD only (TLS 1.3's are all of that)
 
 
-def server_context(cert_pem: str, key_pem: str, require_client_cert: bool = False) -> SSL.Context:
+def server_context(cert_pem: str, key_pem: str, require_client_cert: bool = False,
+                   alpn: tuple[bytes, ...] = ()) -> SSL.Context:
     """TLS 1.2+ with the given server certificate; a client certificate is requested (and, with
-    ``require_client_cert``, required), its chain never verified here (see the module docstring)."""
+    ``require_client_cert``, required), its chain never verified here (see the module docstring).
+    ``alpn``: application protocols this listener selects when a client offers one of them (a client
+    offering none of them goes on without ALPN, as HTTP clients do)."""
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     # no session tickets: neither the Go client nor requests resumes sessions, and issuing them cost a
@@ -43,6 +46,11 @@ def server_context(cert_pem: str, key_pem: str, require_client_cert: bool = Fals
     ctx.check_privatekey()
     mode = SSL.VERIFY_PEER | (SSL.VERIFY_FAIL_IF_NO_PEER_CERT if require_client_cert else 0)
     ctx.set_verify(mode, lambda _conn, _cert, _errno, _depth, _ok: True)
+    if alpn:
+        def select(_conn: SSL.Connection, offered: list[bytes]) -> bytes:
+            return next((p for p in offered if p in alpn), SSL.NO_OVERLAPPING_PROTOCOLS)  # type: ignore[arg-type]
+
+        ctx.set_alpn_select_callback(select)
     return ctx
 
 
@@ -225,6 +233,8 @@ class TLSTransport(asyncio.Transport):
             return self.fingerprint
         if name == "peer_certificate":
             return self.certificate
+        if name == "alpn_protocol":
+            return self._ssl.get_alpn_proto_negotiated() or b""
         return self._raw.get_extra_info(name, default)
 
     def pause_reading(self) -> None:

@@ -15,13 +15,14 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-from bench import harness
+from bench import harness, targets
 from bench.context import Context
 from bench.harness import BrokerProcess, Row
 from bench.profiler import Profiler, ensure_pyspy
@@ -78,6 +79,19 @@ async def run_workload(module: Any, ctx: Context) -> list[Row]:
     return rows
 
 
+def _commit() -> str:
+    """The commit the run measured ("+dirty" when the tree has changes)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{rev}+dirty" if rev and dirty else rev or "unknown"
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -85,6 +99,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     soft, hard = harness.raise_nofile()
     ctx = Context(quick=args.quick, broker=None, api=None)
     report: dict[str, Any] = {"stamp": stamp, "quick": args.quick, "selected": sorted(selected),
+                              "commit": _commit(),
                               "host": {"cpus": os.cpu_count(), "kernel": platform.release(),
                                        "python": platform.python_version(), "nofile": f"{soft}/{hard}"}}
     RESULTS.mkdir(exist_ok=True)
@@ -107,6 +122,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     if "cluster" in selected:  # after our broker stopped: one cluster at a time
         rows += await run_workload(cluster, ctx)
 
+    targets.judge(rows)
     report["rows"] = [r.to_json() for r in rows]
     report["notes"] = ctx.notes
     if profiler is not None and profiler.results:
@@ -120,7 +136,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     path.write_text(json.dumps(report, indent=1, default=str))
     shutil.copyfile(path, RESULTS / "latest.json")
     print(report["table"])
-    print(f"\n{'quick' if args.quick else 'full'} run in {report['duration_s']:.0f}s; results: {path}")
+    print(f"\n{'quick' if args.quick else 'full'} run at {report['commit']} in {report['duration_s']:.0f}s; "
+          f"results: {path}")
     if ctx.notes:
         print("notes:\n  " + "\n  ".join(n.splitlines()[0] for n in ctx.notes))
     return report

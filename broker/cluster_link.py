@@ -261,11 +261,15 @@ class ClusterLink:
             return await send(address)
         except Unreachable:
             if member is None:
-                member = next((n for n, i in self.members.items() if i.address == address), None)
+                member = self.member_at(address)
             moved = await self.moved(member, address) if member is not None else None
             if moved is None:
                 raise
             return await send(moved)
+
+    def member_at(self, address: str) -> str | None:
+        """The member that listens at ``address`` as far as this member knows."""
+        return next((n for n, i in self.members.items() if i.address == address), None)
 
     async def moved(self, member: str, address: str) -> str | None:
         """Where ``member``, which listened at ``address``, listens now if it moved (a restarted agent

@@ -437,8 +437,9 @@ class Frontend:
         assert self.link is not None
         self._forwarded["websocket"]()
         link = self.link  # a new operation of a restarted agent this member has not seen move yet
-        return await link.at_member(None, address, lambda at: link.member_link.dial_exec_socket(
-            at, op_id, secret, who, offset))
+        member = link.member_at(address)
+        return await link.at_member(member, address, lambda at: link.member_link.dial_exec_socket(
+            member or address, at, op_id, secret, who, offset))
 
     def precheck_relay(self, op_id: str, secret: str, who: Identity) -> bool:
         return self.remote.precheck_relay(op_id, secret, who)

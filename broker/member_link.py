@@ -1,24 +1,21 @@
-"""This member's client side of the member link: HTTPS and websockets to the other members' member
-listeners, with mutual TLS on the cluster certificate (each side must present it; nothing else gets
-past the other's handshake). It carries forwarded calls, event batches and relayed exec websockets;
-Ray only says who the members are and where they listen. One kept-alive connection pool per member."""
+"""This member's side of the member link: mutual TLS on the cluster certificate to the other members'
+member listeners (each side must present it; nothing else gets past the other's handshake). Calls,
+event batches and relayed exec websockets share one persistent multiplexed link per pair of members
+(broker/mux.py); relayed file transfers are HTTPS requests on a bounded pool. Ray only says who the
+members are and where they listen."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import httpx
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidHandshake, InvalidStatus
-
-from broker import rpc
-from core.errors import ApiError, Unavailable
+from broker import mux, rpc
+from core.errors import Unavailable
 from core.identity import Identity
 
 CONNECT_TIMEOUT = 5.0
@@ -66,21 +63,77 @@ class Proxied:
 
 
 class MemberLink:
+    """Calls, event batches and relayed exec websockets go over one persistent link per peer
+    (broker/mux.py), dialled on first use and shared with the peer (a link it dialled serves us too);
+    relayed file transfers go as HTTPS requests on a bounded pool of their own."""
+
     def __init__(self, name: str, cert_path: Path, key_path: Path) -> None:
         self.name = name
+        self.address = ""  # this member's listener: what a link's HELLO tells the peer
+        self.service: mux.Service | None = None  # what this member serves on its links
         self.ssl = client_context(cert_path, key_path)
-        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._link_ssl = client_context(cert_path, key_path)
+        self._link_ssl.set_alpn_protocols([mux.ALPN])
+        self._links: dict[str, mux.MuxConnection] = {}  # by the peer's listener address
+        self._all: set[mux.MuxConnection] = set()  # every open link, dialled or accepted
+        self._dialing: dict[str, asyncio.Future[mux.MuxConnection]] = {}
         self._streams: dict[str, httpx.AsyncClient] = {}
+        self.on_dial: Callable[[], None] = lambda: None  # a link dialled (metrics)
 
-    def _client(self, address: str) -> httpx.AsyncClient:
-        client = self._clients.get(address)
-        if client is None:
-            client = httpx.AsyncClient(
-                base_url=f"https://{address}", verify=self.ssl, timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT),
-                limits=httpx.Limits(max_connections=256, max_keepalive_connections=32, keepalive_expiry=4.0),
-                headers={"User-Agent": f"execbroker-member/{self.name}"})
-            self._clients[address] = client
-        return client
+    # -- the links -------------------------------------------------------------------------------------
+    async def link(self, member: str, address: str) -> mux.MuxConnection:
+        """The link to whoever listens at ``address``: the one up, else one dialled now."""
+        conn = self._links.get(address)
+        if conn is not None and not conn.lost:
+            return conn
+        dialing = self._dialing.get(address)
+        if dialing is None:
+            dialing = self._dialing[address] = asyncio.ensure_future(self._dial(member, address))
+            dialing.add_done_callback(lambda _f: self._dialing.pop(address, None))
+        return await asyncio.shield(dialing)
+
+    async def _dial(self, member: str, address: str) -> mux.MuxConnection:
+        host, _, port = address.rpartition(":")
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(loop.create_connection(
+                lambda: mux.MuxConnection(self.service, dialer=True, peer=member, on_lost=self._lost),
+                host.strip("[]"), int(port), ssl=self._link_ssl, server_hostname="",
+                ssl_handshake_timeout=CONNECT_TIMEOUT), CONNECT_TIMEOUT)
+        except ConnectionRefusedError:
+            raise Unreachable(f"Cluster member {member} is unreachable: ConnectError") from None
+        except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+            raise Unavailable(f"Cluster member {member} is unreachable: {type(exc).__name__}") from None
+        tls = conn.transport_info("ssl_object")
+        if tls is None or tls.selected_alpn_protocol() != mux.ALPN:
+            conn.close()
+            raise Unavailable(f"Cluster member {member} does not speak {mux.ALPN}")
+        self.on_dial()
+        conn.hello(self.name, self.address)
+        self._links[address] = conn
+        self._all.add(conn)
+        return conn
+
+    def accepted(self) -> mux.MuxConnection:
+        """A link another member dialled (the member listener saw its ALPN): it serves us too."""
+        conn = mux.MuxConnection(self.service, dialer=False, on_hello=self._hello, on_lost=self._lost)
+        self._all.add(conn)
+        return conn
+
+    def _hello(self, conn: mux.MuxConnection, address: str) -> None:
+        known = self._links.get(address)
+        if address and (known is None or known.lost):
+            self._links[address] = conn
+
+    def _lost(self, conn: mux.MuxConnection) -> None:
+        self._all.discard(conn)
+        for address, known in list(self._links.items()):
+            if known is conn:
+                del self._links[address]
+
+    @property
+    def links(self) -> int:
+        return sum(not c.lost for c in self._links.values())
 
     def _stream_client(self, address: str) -> httpx.AsyncClient:
         """Relayed file transfers get connections of their own (long transfers never starve the calls
@@ -100,29 +153,16 @@ class MemberLink:
     async def call(self, member: str, address: str, method: str, args: tuple[Any, ...],
                    timeout: float | None = None) -> Any:
         """``method(*args)`` on the member's NodeService; its ApiError is raised here as is."""
-        body = json.dumps({"caller": self.name, "method": method, "args": rpc.encode(list(args))})
+        conn = await self.link(member, address)
         try:
-            r = await self._client(address).post("/internal/v1/call", content=body,
-                                                  headers={"Content-Type": "application/json"},
-                                                  timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT))
-        except httpx.ConnectError as exc:
-            raise Unreachable(f"Cluster member {member} is unreachable: {type(exc).__name__}") from None
-        except httpx.HTTPError as exc:
-            raise Unavailable(f"Cluster member {member} is unreachable: {type(exc).__name__}") from None
-        if r.status_code != 200:
-            raise Unavailable(f"Cluster member {member} refused the call: HTTP {r.status_code}")
-        return rpc.result(r.json())
+            reply = json.loads(await conn.call(method, rpc.encode(list(args)), timeout))
+        except ValueError:
+            raise Unavailable(f"Cluster member {member} sent a malformed reply") from None
+        return rpc.result(reply)
 
     async def send_events(self, member: str, address: str, batch: str) -> None:
         """One batch of events, as its JSON text (a list of [type, metadata, project])."""
-        body = f'{{"member": {json.dumps(self.name)}, "batch": {batch}}}'
-        try:
-            r = await self._client(address).post("/internal/v1/events", content=body,
-                                                  headers={"Content-Type": "application/json"})
-        except httpx.HTTPError as exc:
-            raise Unavailable(f"Cluster member {member} is unreachable: {type(exc).__name__}") from None
-        if r.status_code != 200:
-            raise Unavailable(f"Cluster member {member} refused events: HTTP {r.status_code}")
+        await (await self.link(member, address)).send_events(batch)
 
     async def stream(self, member: str, address: str, method: str, path: str, params: dict[str, str],
                      headers: dict[str, str], body: AsyncIterator[bytes] | None, who: Identity) -> Proxied:
@@ -141,32 +181,23 @@ class MemberLink:
             raise Unavailable(f"Cluster member {member} is unreachable: {type(exc).__name__}") from None
         return Proxied(response)
 
-    async def dial_exec_socket(self, address: str, op_id: str, secret: str, who: Identity,
-                               offset: int | None = None) -> ClientConnection:
-        """The owner's exec websocket, opened on ``who``'s behalf; its refusal comes back as the same error."""
-        url = f"wss://{address}/1.0/operations/{quote(op_id)}/websocket?secret={quote(secret)}"
-        if offset is not None:
-            url += f"&offset={offset}"
-        try:
-            return await connect(url, ssl=self.ssl, additional_headers=who.header(), compression=None,
-                                 max_size=None, ping_interval=None, open_timeout=10, close_timeout=2)
-        except InvalidStatus as exc:
-            try:
-                message = json.loads(exc.response.body or b"{}").get("error") or "Forbidden"
-            except ValueError:
-                message = exc.response.reason_phrase
-            raise ApiError(message, exc.response.status_code) from None
-        except ConnectionRefusedError as exc:
-            raise Unreachable(f"Cannot reach the cluster member at {address}: {exc}") from None
-        except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
-            raise Unavailable(f"Cannot reach the cluster member at {address}: {exc}") from None
+    async def dial_exec_socket(self, member: str, address: str, op_id: str, secret: str, who: Identity,
+                               offset: int | None = None) -> mux.MuxStream:
+        """The owner's exec websocket, opened on ``who``'s behalf as a stream of the link; its refusal
+        comes back as the same error."""
+        conn = await self.link(member, address)
+        return await conn.open_stream({"op": op_id, "secret": secret, "identity": who.to_wire(), "offset": offset})
 
     async def forget(self, address: str) -> None:
-        for pool in (self._clients, self._streams):
-            client = pool.pop(address, None)
-            if client is not None:
-                await client.aclose()
+        conn = self._links.pop(address, None)
+        if conn is not None:
+            conn.close()
+        client = self._streams.pop(address, None)
+        if client is not None:
+            await client.aclose()
 
     async def aclose(self) -> None:
-        for address in {*self._clients, *self._streams}:
+        for address in {*self._links, *self._streams}:
             await self.forget(address)
+        for conn in list(self._all):
+            conn.close()

@@ -1,46 +1,47 @@
-"""Member-to-member websocket relay (spec §10): the front end that received the client's websocket dials
-the owning member's listener with the same secret and the caller's identity (broker/member_link.py),
-then copies frames both ways, one at a time (a slow side slows the other; nothing piles up), preserving
-binary vs text."""
+"""Member-to-member websocket relay (spec §10): the front end that received the client's websocket opens
+a stream to the owning member over their persistent link (broker/mux.py) with the same secret and the
+caller's identity, then copies messages both ways, one at a time (a slow side slows the other; nothing
+piles up), preserving binary vs text. Between members a message travels as the link's bytes, with no
+websocket framing to parse or build."""
 
 from __future__ import annotations
 
 import contextlib
 
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed, ConnectionClosedError
-
+from broker.mux import MuxStream
 from core.aio import first_of
 from core.channel import Channel, ChannelClosed
 
 
-async def relay(client: Channel, upstream: ClientConnection) -> bool:
-    """Copy frames until either side ends, then close both. True when the owner went away mid-stream
-    (its connection ended without a close: its agent may have stopped)."""
-
-    close_code = 1000
+async def relay(client: Channel, upstream: MuxStream) -> bool:
+    """Copy messages until either side ends, then close both. True when the owner went away mid-stream
+    (the link was lost or the owner closed with an error: its agent may have stopped)."""
 
     async def down() -> None:
-        nonlocal close_code
         try:
-            async for msg in upstream:
+            while (msg := await upstream.receive()) is not None:
                 if isinstance(msg, bytes):
                     await client.send_bytes(msg)
                 else:
                     await client.send_text(msg)
-        except ConnectionClosedError:
-            close_code = 1011  # the owner went away mid-stream: the client sees an error, not a clean end
-        except (ConnectionClosed, ChannelClosed):
+        except ChannelClosed:
             pass
 
     async def up() -> None:
-        while (msg := await client.receive()) is not None:
-            await upstream.send(msg)
+        try:
+            while (msg := await client.receive()) is not None:
+                if isinstance(msg, bytes):
+                    await upstream.send_bytes(msg)
+                else:
+                    await upstream.send_text(msg)
+        except ChannelClosed:
+            pass
 
     try:
         await first_of(down(), up())
     finally:
+        lost = upstream.abnormal
         with contextlib.suppress(Exception):
             await upstream.close()
-        await client.close(close_code)
-    return close_code == 1011
+        await client.close(1011 if lost else 1000)
+    return lost

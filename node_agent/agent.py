@@ -27,6 +27,7 @@ from broker import cluster_cert
 from broker.admin import HTTPS_ADDRESS, Admin, MemberConfig
 from broker.cluster_link import NAMESPACE, ClusterLink, head_affinity
 from broker.frontend import Frontend
+from broker.link_service import LinkService
 from broker.member_link import MemberLink
 from broker.server_state import ActorAuthority, ServerState
 from broker.state_actor import STATE_NAME
@@ -121,13 +122,18 @@ class NodeAgent:
         app_server.on_https_client = self.connections.add
         self.state, self.server = state, app_server
         self._apply_limits()
-        link = ClusterLink(self.name, self.node_id, "", MemberLink(self.name, cert.cert_path, cert.key_path),
+        member_link = MemberLink(self.name, cert.cert_path, cert.key_path)
+        member_link.service = LinkService(self.frontend)
+        member_link.on_dial = self.service.metrics.link_dials.inc
+        self.service.metrics.links.set_function(lambda: member_link.links)
+        app_server.on_member_link = member_link.accepted
+        link = ClusterLink(self.name, self.node_id, "", member_link,
                            self.service.inventory, on_member_lost=self.frontend.member_lost,
                            on_member_restarted=self.frontend.member_restarted,
                            on_members=lambda n: self.service.set_clustered(n > 1),
                            https=lambda: app_server.https_address)
         await app_server.start_member(await self._node_ip())
-        link.address = app_server.member_address
+        link.address = member_link.address = app_server.member_address
         self.frontend.link = link
         self.service.hub.observers.append(link.local_event)
         self.service.on_op_created = link.op_created

@@ -46,6 +46,10 @@ class Metrics:
                                  registry=r)
         self.file_bytes = Counter("execbroker_file_bytes", "Bytes of instance files moved, by direction "
                                   "(push, pull)", ["direction"], registry=r)
+        self.link_dials = Counter("execbroker_member_link_dials", "Member links this member dialled (one "
+                                  "persistent link per pair of members carries every call, event batch and "
+                                  "relayed exec socket)", registry=r)
+        self.links = Gauge("execbroker_member_links", "Member links up on this member", registry=r)
         self._scraped = _Scraped(instances, ops)
         r.register(self._scraped)
         self._instances_only = CollectorRegistry(auto_describe=False)  # for a restricted caller

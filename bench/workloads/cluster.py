@@ -129,6 +129,27 @@ class LocalCluster:
     def start(self) -> None:
         self.script("up", str(self.nodes), timeout=400)
 
+    def lxc_latency(self, n: int) -> tuple[dict[str, float], dict[str, float]]:
+        """``lxc exec c1 -- true`` (c1 lives on node1) through node1 and through node2, interleaved."""
+        (self.base / "home").mkdir(exist_ok=True)
+
+        def once(k: int) -> float:
+            env = {**self.env, "LXD_DIR": str(self.base / f"node{k}"), "HOME": str(self.base / "home")}
+            t0 = time.perf_counter()
+            r = subprocess.run(["lxc", "exec", "c1", "--", "true"], env=env, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
+            if r.returncode != 0:
+                raise RuntimeError(f"lxc exec via node{k}: {r.stderr.decode(errors='replace').strip()}")
+            return time.perf_counter() - t0
+
+        for k in (1, 2, 1, 2):  # warm-up: the client's config dir, the member link
+            once(k)
+        local, forwarded = [], []
+        for _ in range(n):
+            local.append(once(1))
+            forwarded.append(once(2))
+        return summary_ms(local), summary_ms(forwarded)
+
     async def stop(self) -> list[str]:
         """Instances deleted through the head, every node stopped, then nothing may mention the base dir."""
         api = Api(self.socket(1))
@@ -185,6 +206,8 @@ async def _measure(ctx: Context, cluster: LocalCluster) -> list[Row]:
                 await asyncio.sleep(0.5)
         n = ctx.n(50, 200)
         lat_local, lat_fwd = await _latency(local, n), await _latency(forwarded, n)
+        n_lxc = ctx.n(10, 30)
+        lxc_local, lxc_fwd = await asyncio.to_thread(cluster.lxc_latency, n_lxc)
         rates_local, rates_fwd = [], []
         for _ in range(ctx.n(1, 3)):
             rates_local.append(await stdout_rate(local))
@@ -200,6 +223,9 @@ async def _measure(ctx: Context, cluster: LocalCluster) -> list[Row]:
             extra={"local": lat_local, "forwarded": lat_fwd}),
         Row(TITLE, "exec `true` p99, forwarded", lat_fwd["p99"], "ms", lat_local["p99"], "local (node1)",
             ratio(lat_fwd["p99"], lat_local["p99"])),
+        Row(TITLE, "`lxc exec -- true` p50, forwarded", lxc_fwd["p50"], "ms", lxc_local["p50"], "local (node1)",
+            ratio(lxc_fwd["p50"], lxc_local["p50"]), note=f"n={n_lxc}, interleaved",
+            extra={"local": lxc_local, "forwarded": lxc_fwd}),
         Row(TITLE, "stdout 256 MiB, forwarded", thr_f, "MiB/s", thr_l, "local (node1)", ratio(thr_f, thr_l),
             extra={"local": rates_local, "forwarded": rates_fwd}),
     ]

@@ -1,0 +1,45 @@
+"""What this member serves to the other members on their persistent links (broker/mux.py): calls to its
+NodeService, event batches of their origin, and the exec websockets of its operations that their
+clients opened. Only members get a link (the member listener's TLS handshake), so the identity a
+stream names is the one the relaying member vouches for, as with the forwarded identity header."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from broker import rpc
+from broker.frontend import Frontend
+from broker.mux import MuxStream
+from core.errors import BadRequest
+from core.identity import Identity
+
+
+class LinkService:
+    def __init__(self, frontend: Frontend) -> None:
+        self.frontend = frontend
+
+    async def call(self, peer: str, method: str, args: Any) -> dict[str, Any]:
+        if self.frontend.link is not None:
+            await self.frontend.link.note_peer(peer)
+        return await rpc.serve(self.frontend.local, method, args)
+
+    def events(self, peer: str, batch: Any) -> None:
+        if not isinstance(batch, list):
+            raise ValueError("events: a batch is a list")
+        self.frontend.receive_events(peer, [tuple(e) for e in batch])  # type: ignore[misc]
+
+    async def open(self, peer: str, request: dict[str, Any], stream: MuxStream,
+                   accept: Callable[[], None]) -> None:
+        op_id, secret, offset = request.get("op"), request.get("secret"), request.get("offset")
+        if not isinstance(op_id, str) or not isinstance(secret, str) or not (
+                offset is None or (isinstance(offset, int) and offset >= 0)):
+            raise BadRequest(f"malformed socket request from cluster member {peer}")
+        who = Identity.from_wire(request.get("identity") or {})
+        session, fd = self.frontend.claim_websocket(op_id, secret, who, offset)
+        try:
+            accept()
+        except BaseException:
+            session.release(fd)
+            raise
+        await session.attach(fd, stream)
