@@ -76,12 +76,13 @@ def vs_lxd(title: str, ours: dict[str, float], theirs: Sequence[float] | None, l
     """The "median vs LXD" row, against real LXD measured in the same run (``theirs``). When no LXD answers
     here (``why``) there is no baseline and no verdict: "not measured" (DESIGN §3's anchor figure is only
     quoted in the note, never judged against)."""
+    t: dict[str, float] | None = None
+    lxd_ms: float | None = None
     if theirs:
-        t: dict[str, float] | None = summary_ms(theirs)
-        lxd_ms: float | None = t["p50"]
+        t = summary_ms(theirs)
+        lxd_ms = t["p50"]
         note = f"n={n}, interleaved"
     else:
-        t, lxd_ms = None, None
         note = f"not measured: no LXD answering ({why}); DESIGN §3 measured LXD at {anchor_ms:g} ms"
     r = ratio(ours["p50"], lxd_ms)
     return Row(title, "median vs LXD", ours["p50"], "ms", lxd_ms, label, r, f"<= {target_ratio:g}x LXD",

@@ -3,8 +3,8 @@
 Over Ray (no payload, only who is where):
 - membership: which members exist (directory) and which are alive (Ray's node table), refreshed every
   ``PERIOD`` seconds; a member whose Ray node is dead is lost;
-- registration: the member record (member-listener and HTTPS addresses), its instances and live
-  operations, re-sent whenever the directory's incarnation changes (soft state).
+- registration: the member record (member-listener and HTTPS addresses) and its instances, re-sent
+  whenever the directory's incarnation changes (soft state).
 
 Over the member link (mutual TLS, broker/member_link.py):
 - fan-out: operation and lifecycle events of local origin, batched per loop tick, to every other alive
@@ -68,7 +68,7 @@ def get_directory() -> Any:
 
 class ClusterLink:
     def __init__(self, name: str, node_id: str, address: str, member_link: MemberLink,
-                 inventory: Callable[[], tuple[list[str], list[str]]],
+                 inventory: Callable[[], list[str]],
                  on_member_lost: Callable[[str, str], None],
                  on_members: Callable[[int], None] | None = None,
                  on_member_restarted: Callable[[str], None] = lambda _name: None,
@@ -89,10 +89,7 @@ class ClusterLink:
         self._events: list[tuple[str, dict[str, Any], str]] = []
         self._outboxes: dict[str, EventOutbox] = {}  # bounded in batches and bytes (broker/event_outbox.py)
         self._senders: dict[str, asyncio.Task[None]] = {}
-        self._ops_new: list[str] = []
-        self._ops_gone: list[str] = []
         self._flush_scheduled = False
-        self._peers = False  # another member exists: only then do operations go to the directory
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -121,9 +118,8 @@ class ClusterLink:
         epoch = await self.directory.epoch.remote()
         https = self._https()
         if epoch != self._epoch or https != self._registered_https:
-            instances, ops = self._inventory()
             epoch, clashes = await self.directory.register_member.remote(
-                self.name, self.node_id, self.address, instances, ops, https)
+                self.name, self.node_id, self.address, self._inventory(), https)
             if clashes:
                 log.error("instances also owned by another member, not registered here: %s", clashes)
             self._epoch, self._registered_https = epoch, https
@@ -143,10 +139,6 @@ class ClusterLink:
                 if info.alive and name != self.name:  # a new agent: what the old one ran died with it
                     self._on_member_restarted(name)
                 await self.member_link.forget(old.address)
-        peers = any(i.alive and n != self.name for n, i in self.members.items())
-        if peers and not self._peers:  # a first peer: from now on it may ask about our live operations
-            self.directory.add_ops.remote(self.name, self._inventory()[1])
-        self._peers = peers
         if self._on_members is not None:
             self._on_members(len(self.members))
 
@@ -158,16 +150,6 @@ class ClusterLink:
             await self.refresh()
 
     # -- directory bookkeeping ----------------------------------------------------------------------
-    def op_created(self, op_id: str) -> None:
-        if self._peers:  # alone, nobody asks the directory: no Ray call per exec (~10% of its CPU)
-            self._ops_new.append(op_id)
-            self._schedule_flush()
-
-    def op_expired(self, op_id: str) -> None:
-        if self._peers:
-            self._ops_gone.append(op_id)
-            self._schedule_flush()
-
     def instance_deleted(self, name: str) -> None:
         self.directory.release_instance.remote(name, self.name)
 
@@ -189,8 +171,28 @@ class ClusterLink:
         return {name: len(m["instances"]) for name, m in table.items()}
 
     async def locate_op(self, op_id: str) -> str | None:
-        member: str | None = await self.directory.locate_op.remote(op_id)
-        return member
+        """The member running ``op_id``, asked of every alive peer over the links at once: for an operation
+        this member has not heard of yet (its events are on their way, or it was before our time). The
+        first that has it answers; None when nobody does within ``MOVED_TIMEOUT``."""
+
+        async def ask(name: str) -> str | None:
+            try:
+                return name if await self.call(name, "has_operation", op_id, timeout=MOVED_TIMEOUT) else None
+            except ApiError:
+                return None
+
+        asks = [asyncio.ensure_future(ask(i.name)) for i in self.members.values() if i.alive and i.name != self.name]
+        try:
+            for answer in asyncio.as_completed(asks, timeout=MOVED_TIMEOUT):
+                found = await answer
+                if found is not None:
+                    return found
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            for task in asks:
+                task.cancel()
+        return None
 
     # -- events fan-out -----------------------------------------------------------------------------
     def local_event(self, event_type: str, metadata: dict[str, Any], project: str) -> None:
@@ -204,12 +206,6 @@ class ClusterLink:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._ops_new:
-            self.directory.add_ops.remote(self.name, self._ops_new)
-            self._ops_new = []
-        if self._ops_gone:
-            self.directory.forget_ops.remote(self._ops_gone)
-            self._ops_gone = []
         if self._events:
             events, self._events = self._events, []
             peers = [i.name for i in self.members.values() if i.alive and i.name != self.name]

@@ -1,6 +1,8 @@
-"""The cluster directory: which member owns each instance and operation, and where members listen.
+"""The cluster directory: which member owns each instance, and where members listen. (Operations are not
+here: every member learns each operation's owner from the owner's events, and asks its peers over the
+member links about one it has not heard of, so an exec costs no Ray call.)
 
-Soft state: every agent re-registers its member record, instances and live operations whenever the
+Soft state: every agent re-registers its member record and instances whenever the
 directory's incarnation changes (a restarted directory starts empty) and when the agent (re)starts, so
 losing the directory loses nothing. Actor methods run one at a time, which makes ``claim_instance``
 the cluster-wide arbiter of instance names (409 for the loser of a race).
@@ -9,13 +11,11 @@ the cluster-wide arbiter of instance names (409 for the loser of a race).
 from __future__ import annotations
 
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from core.errors import Conflict
 
 DIRECTORY_NAME = "execbroker-directory"
-OP_LIMIT = 100_000  # operations are short-lived; the oldest mappings go first beyond this
 
 
 @dataclass
@@ -34,10 +34,9 @@ class DirectoryState:
         self.epoch = uuid.uuid4().hex
         self.members: dict[str, Member] = {}
         self.owner: dict[str, str] = {}  # instance -> member
-        self.ops: OrderedDict[str, str] = OrderedDict()  # operation id -> member
 
     def register_member(self, name: str, node_id: str, address: str, instances: list[str],
-                        ops: list[str], https: str = "") -> list[str]:
+                        https: str = "") -> list[str]:
         """A (re)started agent's full state; returns its instances already owned by another member."""
         old = self.members.get(name)
         if old is not None:
@@ -54,7 +53,6 @@ class DirectoryState:
                 continue
             self.owner[inst] = name
             member.instances.add(inst)
-        self.add_ops(name, ops)
         return clashes
 
     def claim_instance(self, name: str, member: str) -> None:
@@ -72,20 +70,6 @@ class DirectoryState:
 
     def locate_instance(self, name: str) -> str | None:
         return self.owner.get(name)
-
-    def add_ops(self, member: str, ops: list[str]) -> None:
-        for op in ops:
-            self.ops[op] = member
-            self.ops.move_to_end(op)
-        while len(self.ops) > OP_LIMIT:
-            self.ops.popitem(last=False)
-
-    def forget_ops(self, ops: list[str]) -> None:
-        for op in ops:
-            self.ops.pop(op, None)
-
-    def locate_op(self, op_id: str) -> str | None:
-        return self.ops.get(op_id)
 
     def member_table(self) -> dict[str, dict[str, object]]:
         return {m.name: {"node_id": m.node_id, "address": m.address, "instances": sorted(m.instances),
@@ -132,8 +116,8 @@ def make_actor():  # type: ignore[no-untyped-def]
             return self.state.epoch
 
         def register_member(self, name: str, node_id: str, address: str, instances: list[str],
-                            ops: list[str], https: str = "") -> tuple[str, list[str]]:
-            clashes = self.state.register_member(name, node_id, address, instances, ops, https)
+                            https: str = "") -> tuple[str, list[str]]:
+            clashes = self.state.register_member(name, node_id, address, instances, https)
             self._save()
             return self.state.epoch, clashes
 
@@ -151,15 +135,6 @@ def make_actor():  # type: ignore[no-untyped-def]
 
         def locate_instance(self, name: str) -> str | None:
             return self.state.locate_instance(name)
-
-        def add_ops(self, member: str, ops: list[str]) -> None:
-            self.state.add_ops(member, ops)
-
-        def forget_ops(self, ops: list[str]) -> None:
-            self.state.forget_ops(ops)
-
-        def locate_op(self, op_id: str) -> str | None:
-            return self.state.locate_op(op_id)
 
         def members(self) -> dict[str, dict[str, object]]:
             return self.state.member_table()

@@ -26,7 +26,7 @@ class LinkService:
 
     def events(self, peer: str, batch: Any) -> None:
         if not isinstance(batch, list):
-            raise ValueError("events: a batch is a list")
+            raise TypeError("events: a batch is a list")
         self.frontend.receive_events(peer, [tuple(e) for e in batch])  # type: ignore[misc]
 
     async def open(self, peer: str, request: dict[str, Any], stream: MuxStream,

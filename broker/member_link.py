@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
 from broker import mux, rpc
 from core.errors import Unavailable
 from core.identity import Identity

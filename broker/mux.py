@@ -20,8 +20,8 @@ import asyncio
 import collections
 import contextlib
 import json
-import socket
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 

@@ -115,8 +115,8 @@ def test_placement_and_name_clash(cluster: Cluster) -> None:
 def test_directory_restart_loses_nothing(cluster: Cluster) -> None:
     """Kill the directory actor together with its saved member table: Ray restarts it empty, and the
     agents alone rebuild it. The front ends cache owners, so the directory itself is asked (from a Ray
-    driver): a new incarnation, the same member table as before (nodes, addresses, instances) and an
-    operation that was running on node3 through the restart (operations are never saved)."""
+    driver): a new incarnation and the same member table as before (nodes, addresses, instances); an
+    operation that was running on node3 through the restart ends as it should, seen from node2."""
     from tests.conftest import wait_for
 
     ep1 = cluster.node(1)
@@ -124,18 +124,18 @@ def test_directory_restart_loses_nothing(cluster: Cluster) -> None:
     op = ep1.api("POST", "/1.0/instances/ic/exec",
                  {"command": ["sh", "-c", f"while [ ! -e {flag} ]; do sleep 0.1; done"]}, status=202)["metadata"]
     assert op["location"] == "node3" and op["status"] == "Running"
-    before = _directory(cluster, op["id"])
+    before = _directory(cluster)
     assert before["ic"] == "node3" and before["ia"] == "node1", before
     assert sorted(before["members"]) == ["node1", "node2", "node3"], before
     _ray_driver(cluster, f"internal_kv._internal_kv_del({DIRECTORY_KV_KEY!r}); ray.kill(d, no_restart=False); print('null')")
 
     def rebuilt() -> dict[str, Any] | None:
-        now = _directory(cluster, op["id"])
+        now = _directory(cluster)
         return now if now["epoch"] != before["epoch"] and sorted(now["members"]) == sorted(before["members"]) else None
 
     after = wait_for(rebuilt, 90, "a new directory with every member registered again", interval=0.5)
     assert after["members"] == before["members"]  # re-registered by the agents: the saved copy was deleted
-    assert (after["ic"], after["ia"], after["op"]) == ("node3", "node1", "node3")
+    assert (after["ic"], after["ia"]) == ("node3", "node1")
 
     def routed() -> bool:
         r = cluster.node(1).api("POST", "/1.0/instances/ic/exec", {"command": ["true"]})
@@ -164,12 +164,11 @@ def _ray_driver(cluster: Cluster, body: str) -> Any:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def _directory(cluster: Cluster, op_id: str) -> dict[str, Any]:
-    """What the directory actor itself holds: incarnation, member table, owners of ic, ia and ``op_id``."""
+def _directory(cluster: Cluster) -> dict[str, Any]:
+    """What the directory actor itself holds: incarnation, member table, owners of ic and ia."""
     return _ray_driver(cluster, (
         "print(json.dumps({'epoch': ray.get(d.epoch.remote()), 'members': ray.get(d.members.remote()),"
-        " 'ic': ray.get(d.locate_instance.remote('ic')), 'ia': ray.get(d.locate_instance.remote('ia')),"
-        f" 'op': ray.get(d.locate_op.remote({op_id!r}))}}))"))
+        " 'ic': ray.get(d.locate_instance.remote('ic')), 'ia': ray.get(d.locate_instance.remote('ia'))}))"))
 
 
 def _head(cluster: Cluster) -> str:

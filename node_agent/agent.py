@@ -136,8 +136,6 @@ class NodeAgent:
         link.address = member_link.address = app_server.member_address
         self.frontend.link = link
         self.service.hub.observers.append(link.local_event)
-        self.service.on_op_created = link.op_created
-        self.service.on_op_expired = link.op_expired
         self.service.on_instance_deleted = link.instance_deleted
         await link.start()
         await app_server.start()

@@ -57,9 +57,7 @@ class NodeService:
         self.ops = OperationRegistry("none", self._op_changed, retention, on_expire=self._op_expired)
         self.clustered = False
         self.set_clustered(clustered)
-        # Cluster hooks (broker/cluster_link.py): directory bookkeeping of what this node owns.
-        self.on_op_created: Callable[[str], None] | None = None
-        self.on_op_expired: Callable[[str], None] | None = None
+        # Cluster hook (broker/cluster_link.py): directory bookkeeping of what this node owns.
         self.on_instance_deleted: Callable[[str], None] | None = None  # gets the instance's key
         self.instances = InstanceManager(data_dir, driver=driver, cgroup_parent=cgroup_parent(data_dir))
         self.metrics = Metrics(self.instances, self.ops)
@@ -76,16 +74,12 @@ class NodeService:
         self.hub.close()
 
     def _op_changed(self, op: Operation) -> None:
-        if op.status == Status.PENDING and self.on_op_created is not None:
-            self.on_op_created(op.id)
         self.hub.publish("operation", render(op), project=op.project)
         if op.status.final:
             self.execs.finished(op)
 
     def _op_expired(self, op_id: str) -> None:
         self.execs.expired(op_id)
-        if self.on_op_expired is not None:
-            self.on_op_expired(op_id)
 
     def _lifecycle(self, action: str, key: str, requestor: Identity | None,
                    context: dict[str, Any] | None = None) -> None:
@@ -307,10 +301,17 @@ class NodeService:
         """``GET /1.0/metrics`` of this member (OpenMetrics text), instances of ``who``'s projects."""
         return self.metrics.render(who.allows if who.restricted else None).decode()
 
-    def inventory(self) -> tuple[list[str], list[str]]:
-        """What this node owns, for the directory: instance keys and live operation ids."""
-        return ([records.key(i.project, i.name) for i in self.instances.list()],
-                [op.id for op in self.ops.list(None)])
+    def inventory(self) -> list[str]:
+        """What this node owns, for the directory: its instance keys."""
+        return [records.key(i.project, i.name) for i in self.instances.list()]
+
+    def has_operation(self, op_id: str) -> bool:
+        """Whether this member runs (or still keeps) ``op_id``: a member that has not heard of it asks."""
+        try:
+            self.ops.get(op_id)
+        except NotFound:
+            return False
+        return True
 
     def projects_in_use(self) -> dict[str, list[str]]:
         """project -> the URLs of its instances here (``used_by``)."""

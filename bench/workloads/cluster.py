@@ -137,7 +137,7 @@ class LocalCluster:
             env = {**self.env, "LXD_DIR": str(self.base / f"node{k}"), "HOME": str(self.base / "home")}
             t0 = time.perf_counter()
             r = subprocess.run(["lxc", "exec", "c1", "--", "true"], env=env, stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60, check=False)
             if r.returncode != 0:
                 raise RuntimeError(f"lxc exec via node{k}: {r.stderr.decode(errors='replace').strip()}")
             return time.perf_counter() - t0
