@@ -75,25 +75,38 @@ def run(args: argparse.Namespace) -> int:
         if store is not None:
             _forget_stale_head(node.address)
             store.start()
+        steps = Steps()
         node.start()
-        ray.init(address=_wait_for_gcs(node), namespace=NAMESPACE, log_to_driver=False,
+        address_up = _wait_for_gcs(node)
+        steps.done("ray start")
+        ray.init(address=address_up, namespace=NAMESPACE, log_to_driver=False,
                  logging_level="WARNING", _node_ip_address=node_ip)
+        steps.done("driver")
         # After ray.init: Ray installs its own SIGTERM handler, which would end us without a clean stop.
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        from broker.controller import ensure_controller
+        from broker.controller import agent_for, ensure_controller
+        from node_agent.agent import get_state_actor
 
+        # Every actor at once, each in a worker of its own that Ray starts in parallel: the controller
+        # (it would create this node's agent only after its own worker is up), the directory, the cluster
+        # state and this node's agent (get_if_exists: whoever comes first creates it).
         ensure_controller()
+        get_state_actor()
         node_id = node.node_id()
-        agent = _wait_for_agent(agent_name(node_id))
+        steps.done("controller")
+        agent = agent_for(node_id)
         info = ray.get(agent.start.remote())
+        steps.done("agent")
         _wait_until_listed(name, node_id)
+        steps.done("listed")
         default = os.environ.get("EXECBROKER_DEFAULT_INSTANCE", "c1")
         if default and not address:
             ray.get(agent.ensure_instance.remote(default))
+            steps.done("instance")
         https = f", https {info['https']}" if info.get("https") else ""
         print(f"execbroker: serving on {info['socket']}{https} (member {name}, node {node_ip}, "
-              f"driver {info['driver']}, ready in {time.monotonic() - started:.1f}s)", flush=True)
+              f"driver {info['driver']}, ready in {time.monotonic() - started:.1f}s: {steps})", flush=True)
         if not address:
             print(f"execbroker: other nodes join with: execbroker up --address {node.address}", flush=True)
         while not stop.wait(1.0):
@@ -190,6 +203,22 @@ def _node_ip(given: str | None, address: str | None, clustered: bool) -> str:
         raise SystemExit("execbroker: no route off this machine to pick an address others can dial: "
                          "give --node-ip")
     return outward
+
+
+class Steps:
+    """How long each step of the start took, for the ready line."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+        self._steps: list[tuple[str, float]] = []
+
+    def done(self, step: str) -> None:
+        now = time.monotonic()
+        self._steps.append((step, now - self._last))
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{step} {seconds:.2f}s" for step, seconds in self._steps)
 
 
 def _wait_for_gcs(node: RayNode, timeout: float = 120.0) -> str:
