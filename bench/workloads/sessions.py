@@ -1,6 +1,6 @@
 """5. Concurrent sessions: N execs of `cat` open at once, each streaming stdin and reading it back byte-exact.
 
-Per level N (10, 100, 1000): open all N sessions (POST + sockets 0/1/2, at most SETUP_PARALLEL at a time),
+Per level N (10, 100, 1000, and 10,000 in a full run): open all N sessions (POST + sockets 0/1/2, at most SETUP_PARALLEL at a time),
 then all stream for a bounded time with at most WINDOW bytes in flight each, then send the barrier, read
 the rest, check every byte and `return` 0. The agent's VmRSS is read before opening, sampled while all
 sessions stream (the peak), and after they closed; growth per session = (peak - before) / N.
@@ -22,11 +22,12 @@ from bench.wire import Exec, drain, start_exec
 
 NAME = "sessions"
 TITLE = "5 concurrent sessions (cat)"
-LEVELS = (10, 100, 1000)
+LEVELS = (10, 100, 1000, 10_000)
+QUICK_LEVELS = (10, 100, 1000)
+BUDGET = {"quick": 100, "full": 900}  # seconds: 10,000 sessions take a few minutes to open and close
 CHUNK = 16 << 10
 WINDOW = 64 << 10
 SETUP_PARALLEL = 32
-TARGET_RSS_KIB = 256
 PATTERN = random.Random(5).randbytes(1 << 20)
 PATTERN2 = PATTERN + PATTERN  # any stream window of <= 1 MiB is one slice of this
 
@@ -137,7 +138,7 @@ async def level(ctx: Context, n: int, stream_s: float) -> dict[str, object]:
         sampler.cancel()
     elapsed = time.monotonic() - t0
     # After: past the operations' 5 s retention at the top level, so what stays is not just kept records.
-    await asyncio.sleep(6.0 if n == LEVELS[-1] else 1.0)
+    await asyncio.sleep(6.0 if n >= 1000 else 1.0)
     rss_after, fds_after = vm_rss_kib(pid), fd_count(pid)
     failures = [s for s in sessions if s.error]
     total = sum(s.received for s in sessions)
@@ -153,13 +154,18 @@ async def level(ctx: Context, n: int, stream_s: float) -> dict[str, object]:
 
 
 async def run(ctx: Context) -> list[Row]:
+    """Each level's throughput and agent RSS growth per session; the top level's RSS row carries the
+    check of its sessions (byte-exact, none hung): its KiB target is bench/targets.py's."""
     soft, hard = raise_nofile()
     agent_limit = nofile_limit(ctx.agent_pid)
     stream_s = ctx.seconds(2, 8)
+    levels = QUICK_LEVELS if ctx.quick else LEVELS
     rows = []
-    for n in LEVELS:
+    for n in levels:
         if 3 * n + 100 > soft:
-            rows.append(Row(TITLE, f"{n} sessions", None, "MiB/s", note=f"bench RLIMIT_NOFILE {soft} too low"))
+            rows.append(Row(TITLE, f"{n} sessions: RSS growth/session", None, "KiB",
+                            note=f"not measured: RLIMIT_NOFILE {soft}/{hard} here (the hard limit cannot be "
+                                 f"raised), {n} sessions need ~{3 * n} fds in the bench and ~{7 * n} in the agent"))
             continue
         r = await level(ctx, n, stream_s)
         ok = r["failures"] == 0 and r["hangs"] == 0 and r["opened"] == n
@@ -170,12 +176,11 @@ async def run(ctx: Context) -> list[Row]:
             note += f"; e.g. {r['errors'][0]}"
         row = Row(TITLE, f"{n} sessions: throughput", r["mib_s"], "MiB/s", note=note, extra=r)  # type: ignore[arg-type]
         rows.append(row)
-        met = ok and growth < TARGET_RSS_KIB
         rows.append(Row(TITLE, f"{n} sessions: RSS growth/session", growth, "KiB",
-                        target=f"byte-exact, no hang, < {TARGET_RSS_KIB} KiB/session" if n == 1000 else "",
-                        met=met if n == 1000 else None,
-                        note=f"agent fds peak {r['agent_fds']['peak']}, limit {agent_limit}"))  # type: ignore[index]
-        if not ok and n < LEVELS[-1]:
+                        met=ok if n == levels[-1] else None,
+                        note=f"agent fds peak {r['agent_fds']['peak']}, limit {agent_limit}"
+                             + ("" if ok else "; NOT byte-exact or not all ended")))  # type: ignore[index]
+        if not ok and n < levels[-1]:
             rows[-1].note += "; stopped: a smaller level already failed"
             break
     return rows

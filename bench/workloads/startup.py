@@ -37,9 +37,9 @@ def measure_ray_start(timeout: float = 120) -> dict[str, Any]:
     base = tempfile.mkdtemp(prefix="ebbench-ray-", dir="/tmp")
     temp = os.path.join(base, "t")
     env = {**os.environ, "RAY_TMPDIR": temp}
+    # as `execbroker up` starts its head (broker/raynode.py), without the labels
     cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}",
-           f"--ray-client-server-port={_free_port()}", f"--dashboard-port={_free_port()}",
-           "--node-ip-address=127.0.0.1", f"--temp-dir={temp}", "--include-dashboard=false",
+           "--node-ip-address=127.0.0.2", f"--temp-dir={temp}", "--include-dashboard=false",
            "--disable-usage-stats"]
     ready = threading.Event()
     lines: list[str] = []
