@@ -108,8 +108,8 @@ class Frontend:
         self._forwarded["call"]()
         try:
             return await self.link.call(owner, method, op_id, *args, who)
-        except Unavailable:
-            lost = self.remote.lost(op_id, owner)
+        except Unavailable:  # ended here, for every listener too (a client may wait on events alone)
+            lost = self._op_lost(op_id, owner, self._loss_reason(owner))
             if lost is None or method == "cancel_operation" or not who.allows(self.remote.project_of(op_id)):
                 raise
             return lost
@@ -129,11 +129,22 @@ class Frontend:
         for key in [k for k, m in self._owner_cache.items() if m == member]:
             del self._owner_cache[key]
 
-    def _op_lost(self, op_id: str, member: str, reason: str = "") -> None:
+    def _loss_reason(self, owner: str) -> str:
+        """Why an unreachable owner's operations end: its node is gone (the default text), or, while Ray
+        still lists the node alive, its agent stopped (the text the relays give, so every client of one
+        operation reads the same end)."""
+        info = self.link.members.get(owner) if self.link is not None else None
+        return f"The agent of cluster member {owner} stopped" if info is not None and info.alive else ""
+
+    def _op_lost(self, op_id: str, member: str, reason: str = "") -> dict[str, Any] | None:
+        """End a remote operation here as Failure; its event goes to this member's listeners once, when it
+        ends (whichever path saw the loss first: a relay, a forwarded call, membership)."""
+        last = self.remote.last(op_id)
         lost = self.remote.lost(op_id, member, reason)
-        if lost is not None:
+        if lost is not None and last is not None and last["status_code"] < 200:
             self.local.hub.publish("operation", lost, self.remote.project_of(op_id, projects.DEFAULT),
                                    location=member, forwarded=True)
+        return lost
 
     async def check_owner(self, op_id: str, who: Identity) -> None:
         """A relayed socket's owner went away mid-stream: when the owner no longer runs the operation (its

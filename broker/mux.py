@@ -25,6 +25,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from core import errors
 from core.channel import ChannelClosed
 from core.errors import ApiError, Unavailable
 from core.muxframe import CLOSE, CREDIT, STREAM_KINDS, Decoder, FrameError, Kind, frame, header
@@ -329,7 +330,7 @@ class MuxConnection(asyncio.Protocol):
             else:  # REFUSE
                 status, message = json.loads(payload)
                 if not stream.opened.done():
-                    stream.opened.set_exception(ApiError(str(message), int(status)))
+                    stream.opened.set_exception(errors.from_status(str(message), int(status)))
                 self._streams.pop(ident, None)
             return
         if kind is Kind.REPLY:

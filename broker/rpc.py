@@ -8,6 +8,7 @@ import base64
 import inspect
 from typing import Any
 
+from core import errors
 from core.errors import ApiError, BadRequest
 from core.execspec import ExecPost
 from core.identity import Identity
@@ -73,5 +74,5 @@ def result(reply: Any) -> Any:
         raise BadRequest("malformed reply from a cluster member")
     if "error" in reply:
         status, message = reply["error"]
-        raise ApiError(str(message), int(status))
+        raise errors.from_status(str(message), int(status))
     return decode(reply.get("ok"))

@@ -86,7 +86,9 @@ async def test_agent_killed_during_50_execs(cluster: Cluster) -> None:
         restarted = time.monotonic() - killed
         await loop.run_in_executor(None, lambda: wait_for(
             lambda: not commands(mark), 30, "the killed agent's commands gone"))
-    assert not hung, f"{len(hung)} of 50 clients had no end {CLIENTS_END} s after the agent was killed"
+    kinds = ["lxc on the owner"] * 20 + ["lxc forwarded"] * 20 + ["task on the owner"] * 5 + ["task forwarded"] * 5
+    assert not hung, (f"{len(hung)} of 50 clients had no end {CLIENTS_END} s after the agent was killed: "
+                      f"{sorted(kinds[clients.index(t)] for t in hung)}")
     results = [t.result() for t in clients]
     assert all(code != 0 for code, _ in results[:40]), results  # lxc exec reports the failure
     assert all(code != 200 or b"Failure" in err for code, err in results[40:]), results[40:]

@@ -39,5 +39,15 @@ class Unavailable(ApiError):
     status = 503
 
 
+_BY_STATUS: dict[int, type[ApiError]] = {400: BadRequest, 403: Forbidden, 404: NotFound, 409: Conflict}
+
+
+def from_status(message: str, status: int) -> ApiError:
+    """An error that came from another member as (status, message), as the class it was raised as
+    there, so ``except NotFound`` holds across members. A 503 stays a plain ApiError: the member
+    answered (busy), which is not the ``Unavailable`` of a member that cannot be reached."""
+    return _BY_STATUS.get(status, ApiError)(message, status)
+
+
 class SpawnError(Exception):
     """The command could not be started inside the instance (chdir, setuid, ...): op Failure, return -1."""

@@ -266,3 +266,12 @@ async def test_a_protocol_error_ends_only_that_link(pair: tuple[Member, Member])
     conn.send(Kind.CLOSE, 1, b"too long")  # a CLOSE of 8 bytes: past its bound
     await until(lambda: conn.lost)
     assert await a.link.call("m2", b.address, "echo", (3,)) == ["m2", "echo", [3]]
+
+
+async def test_a_remote_not_found_is_raised_as_not_found(pair: tuple[Member, Member]) -> None:
+    """``except NotFound`` holds across members (the owner check relies on it)."""
+    a, b = pair
+    with pytest.raises(NotFound):
+        await a.link.call("m2", b.address, "fail", ())
+    with pytest.raises(NotFound):
+        await a.link.dial_exec_socket("m2", b.address, "refuse", "s", Identity("alice", "unix"))
