@@ -135,6 +135,7 @@ class ClusterLink:
             old = before.get(name)
             if not info.alive and (old is None or old.alive or old.node_id != info.node_id):
                 self._on_member_lost(name, "")
+                await self.member_link.forget(info.address)
             if old is not None and old.address != info.address:
                 if info.alive and name != self.name:  # a new agent: what the old one ran died with it
                     self._on_member_restarted(name)
@@ -173,25 +174,33 @@ class ClusterLink:
     async def locate_op(self, op_id: str) -> str | None:
         """The member running ``op_id``, asked of every alive peer over the links at once: for an operation
         this member has not heard of yet (its events are on their way, or it was before our time). The
-        first that has it answers; None when nobody does within ``MOVED_TIMEOUT``."""
+        first that has it answers; None when every peer said no; ``Unavailable`` when one could not say
+        within ``MOVED_TIMEOUT``."""
+
+        silent: list[str] = []
 
         async def ask(name: str) -> str | None:
             try:
                 return name if await self.call(name, "has_operation", op_id, timeout=MOVED_TIMEOUT) else None
             except ApiError:
+                silent.append(name)
                 return None
 
-        asks = [asyncio.ensure_future(ask(i.name)) for i in self.members.values() if i.alive and i.name != self.name]
+        peers = [i.name for i in self.members.values() if i.alive and i.name != self.name]
+        asks = [asyncio.ensure_future(ask(name)) for name in peers]
         try:
             for answer in asyncio.as_completed(asks, timeout=MOVED_TIMEOUT):
                 found = await answer
                 if found is not None:
                     return found
         except asyncio.TimeoutError:
-            pass
+            silent = [n for n, t in zip(peers, asks) if not t.done()] + silent
         finally:
             for task in asks:
                 task.cancel()
+        if silent:  # not "not found": one that did not answer may have it
+            raise Unavailable(f"Cluster members {', '.join(sorted(set(silent)))} did not say whether they run "
+                              f"operation {op_id}; try again")
         return None
 
     # -- events fan-out -----------------------------------------------------------------------------

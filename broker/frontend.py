@@ -108,11 +108,20 @@ class Frontend:
         self._forwarded["call"]()
         try:
             return await self.link.call(owner, method, op_id, *args, who)
-        except Unavailable:  # ended here, for every listener too (a client may wait on events alone)
-            lost = self._op_lost(op_id, owner, self._loss_reason(owner))
-            if lost is None or method == "cancel_operation" or not who.allows(self.remote.project_of(op_id)):
+        except Unavailable:
+            # Ended here (and announced once) only when the owner is gone: its node is lost, or it no
+            # longer knows the operation, or nobody listens where it was; a member that answered
+            # nothing this time may still be running it.
+            info = self.link.members.get(owner)
+            if info is not None and info.alive:
+                await self._ask_owner(op_id, owner, who)
+            else:
+                self._op_lost(op_id, owner)
+            last = self.remote.last(op_id)
+            if (last is None or last["status_code"] < 200 or method == "cancel_operation"
+                    or not who.allows(self.remote.project_of(op_id))):
                 raise
-            return lost
+            return last
 
     # -- cluster events -----------------------------------------------------------------------------
     def receive_events(self, member: str, batch: list[tuple[str, dict[str, Any], str]]) -> None:
@@ -128,13 +137,6 @@ class Frontend:
             self._op_lost(op_id, member, reason)
         for key in [k for k, m in self._owner_cache.items() if m == member]:
             del self._owner_cache[key]
-
-    def _loss_reason(self, owner: str) -> str:
-        """Why an unreachable owner's operations end: its node is gone (the default text), or, while Ray
-        still lists the node alive, its agent stopped (the text the relays give, so every client of one
-        operation reads the same end)."""
-        info = self.link.members.get(owner) if self.link is not None else None
-        return f"The agent of cluster member {owner} stopped" if info is not None and info.alive else ""
 
     def _op_lost(self, op_id: str, member: str, reason: str = "") -> dict[str, Any] | None:
         """End a remote operation here as Failure; its event goes to this member's listeners once, when it

@@ -105,6 +105,8 @@ class MemberLink:
             raise Unreachable(f"Cluster member {member} is unreachable: ConnectError") from None
         except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
             raise Unavailable(f"Cluster member {member} is unreachable: {type(exc).__name__}") from None
+        if conn.lost:  # gone between its handshake and now
+            raise Unavailable(f"Cluster member {member} is unreachable: the member link was lost")
         tls = conn.transport_info("ssl_object")
         if tls is None or tls.selected_alpn_protocol() != mux.ALPN:
             conn.close()
@@ -190,9 +192,11 @@ class MemberLink:
         return await conn.open_stream({"op": op_id, "secret": secret, "identity": who.to_wire(), "offset": offset})
 
     async def forget(self, address: str) -> None:
+        """Drop what leads to ``address`` (a member that moved or was lost): its link is cut at once, so
+        whatever still used it ends now rather than when TCP gives up."""
         conn = self._links.pop(address, None)
         if conn is not None:
-            conn.close()
+            conn.abort()
         client = self._streams.pop(address, None)
         if client is not None:
             await client.aclose()

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from core import errors
 from core.channel import ChannelClosed
 from core.errors import ApiError, Unavailable
-from core.muxframe import CLOSE, CREDIT, STREAM_KINDS, Decoder, FrameError, Kind, frame, header
+from core.muxframe import CLOSE, CREDIT, MAX_PAYLOAD, STREAM_KINDS, Decoder, FrameError, Kind, frame, header
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,18 @@ ALPN = "execbroker-link/1"
 WINDOW = 4 << 20  # unread bytes one direction of a stream may have in flight
 MAX_STREAMS = 32768  # streams open on one link at once
 MAX_SERVED_CALLS = 2048  # calls one link may have this member running at once
+MAX_SERVED_WAITS = 16384  # ... and, apart from those, waits for an operation (each only an awaited future)
+LONG_CALLS = frozenset({"wait_operation"})
 OPEN_TIMEOUT = 10.0
+KEEPALIVE = (5, 2, 3)  # idle seconds, interval, probes: a silent peer is lost after ~11 s
+USER_TIMEOUT_MS = 15_000  # data unacknowledged this long: the peer is gone
 SOCKET_BUFFER = 4 << 20  # the link socket's kernel buffers, and what its transport holds before pausing  # seconds for the owner to accept or refuse a stream
+
+
+class TooLarge(ApiError):
+    """Something too big for one frame of the link: refused here, for this request only."""
+
+    status = 413
 
 
 class Service(Protocol):
@@ -58,7 +68,7 @@ class MuxStream:
     def __init__(self, conn: MuxConnection, ident: int) -> None:
         self._conn = conn
         self.ident = ident
-        self._inbox: collections.deque[bytes | str] = collections.deque()
+        self._inbox: collections.deque[tuple[bytes | str, int]] = collections.deque()  # message, its bytes
         self._inbox_bytes = 0
         self._unacked = 0  # consumed, not yet granted back to the sender
         self._reader: asyncio.Future[None] | None = None
@@ -80,8 +90,7 @@ class MuxStream:
                 await self._reader
             finally:
                 self._reader = None
-        msg = self._inbox.popleft()
-        size = len(msg)
+        msg, size = self._inbox.popleft()
         self._inbox_bytes -= size
         self._unacked += size
         if self._unacked >= WINDOW // 4 and not self.remote_closed:
@@ -118,11 +127,12 @@ class MuxStream:
         self._conn.send(kind, self.ident, payload)
         await self._conn.drain()
 
-    def deliver(self, msg: bytes | str) -> None:
+    def deliver(self, msg: bytes | str, size: int) -> None:
+        """A message of ``size`` bytes on the wire (what the sender counted against its window)."""
         if self.local_closed:
             return
-        self._inbox.append(msg)
-        self._inbox_bytes += len(msg)
+        self._inbox.append((msg, size))
+        self._inbox_bytes += size
         if self._inbox_bytes > WINDOW + (16 << 20):
             raise FrameError(f"stream {self.ident}: the peer sent past its window")
         self._wake_reader()
@@ -165,6 +175,9 @@ class MuxConnection(asyncio.Protocol):
         self._calls: dict[int, asyncio.Future[bytes]] = {}
         self._streams: dict[int, MuxStream] = {}
         self._served = 0
+        self._waiting = 0
+        self._calls_served: set[asyncio.Future[None]] = set()  # cancelled with the link
+        self._streams_served: set[asyncio.Future[None]] = set()  # end by themselves: their streams end
         self._writable = asyncio.Event()
         self._writable.set()
         self.lost = False
@@ -175,10 +188,16 @@ class MuxConnection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         sock = transport.get_extra_info("socket")
-        if sock is not None:  # a 1 MiB message leaves in one send(), without a wake-up per 64 KiB
-            with contextlib.suppress(OSError):
+        if sock is not None:
+            with contextlib.suppress(OSError):  # a 1 MiB message leaves in one send()
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+            with contextlib.suppress(OSError, AttributeError):  # a peer gone silent is a lost link
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE[0])
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE[1])
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE[2])
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
         transport.set_write_buffer_limits(high=SOCKET_BUFFER, low=SOCKET_BUFFER // 4)
         if not self.made.done():
             self.made.set_result(None)
@@ -187,8 +206,9 @@ class MuxConnection(asyncio.Protocol):
         try:
             for kind, ident, payload in self._decoder.feed(data):
                 self._dispatch(kind, ident, payload)
-        except (FrameError, ValueError, KeyError, TypeError) as exc:
-            log.error("member link to %s: protocol error, link closed: %s", self.peer or "?", exc)
+        except Exception as exc:  # noqa: BLE001 - whatever a frame broke, only this link ends
+            log.error("member link to %s: protocol error, link closed: %s: %s", self.peer or "?",
+                      type(exc).__name__, exc)
             self.abort()
 
     def eof_received(self) -> bool | None:
@@ -201,6 +221,8 @@ class MuxConnection(asyncio.Protocol):
             if not fut.done():
                 fut.set_exception(Unavailable(f"Cluster member {self.peer} is unreachable: the member link was lost"))
         self._calls.clear()
+        for task in list(self._calls_served):  # nobody is left to answer
+            task.cancel()
         for stream in list(self._streams.values()):
             if not stream.opened.done():
                 stream.opened.set_exception(Unavailable(f"Cluster member {self.peer} is unreachable: "
@@ -219,6 +241,11 @@ class MuxConnection(asyncio.Protocol):
 
     # -- sending ---------------------------------------------------------------------------------------------
     def send(self, kind: Kind, ident: int, payload: bytes = b"") -> None:
+        """Write one frame. A payload past its kind's bound is the caller's error (``TooLarge``): the peer
+        would end the whole link on it."""
+        if len(payload) > MAX_PAYLOAD[kind]:
+            raise TooLarge(f"a {kind.name} of {len(payload)} bytes is over the member link's "
+                           f"{MAX_PAYLOAD[kind]}-byte bound")
         if self.lost or self._transport is None:
             return
         if len(payload) > 65536:  # no copy of a big payload into the header's buffer
@@ -247,11 +274,12 @@ class MuxConnection(asyncio.Protocol):
         """The peer's raw REPLY to ``method(*args)``."""
         if self.lost:
             raise Unavailable(f"Cluster member {self.peer} is unreachable: the member link was lost")
+        body = json.dumps({"method": method, "args": args}).encode()
         ident = self._ident()
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._calls[ident] = fut
         try:
-            self.send(Kind.CALL, ident, json.dumps({"method": method, "args": args}).encode())
+            self.send(Kind.CALL, ident, body)
             await self.drain()
             return await asyncio.wait_for(fut, timeout) if timeout is not None else await fut
         except asyncio.TimeoutError:
@@ -264,7 +292,10 @@ class MuxConnection(asyncio.Protocol):
     async def send_events(self, batch: str) -> None:
         if self.lost:
             raise Unavailable(f"Cluster member {self.peer} is unreachable: the member link was lost")
-        self.send(Kind.EVENTS, 0, batch.encode())
+        try:
+            self.send(Kind.EVENTS, 0, batch.encode())
+        except TooLarge as exc:
+            raise Unavailable(f"events for cluster member {self.peer} dropped: {exc.message}") from None
         try:
             await self.drain()
         except ChannelClosed:
@@ -314,9 +345,9 @@ class MuxConnection(asyncio.Protocol):
             if stream is None:
                 return  # closed here already: what was in flight is dropped
             if kind is Kind.BINARY:
-                stream.deliver(payload)
+                stream.deliver(payload, len(payload))
             elif kind is Kind.TEXT:
-                stream.deliver(payload.decode())
+                stream.deliver(payload.decode(), len(payload))
             elif kind is Kind.CREDIT:
                 stream.grant(CREDIT.unpack(payload)[0])
             elif kind is Kind.CLOSE:
@@ -355,25 +386,39 @@ class MuxConnection(asyncio.Protocol):
             self._serve_open(ident, payload)
 
     def _serve_call(self, ident: int, payload: bytes) -> None:
-        if self._served >= MAX_SERVED_CALLS:
-            self.send(Kind.REPLY, ident, json.dumps(
-                {"error": [503, f"Too many calls in flight from cluster member {self.peer}"]}).encode())
-            return
         body = json.loads(payload)
+        if not isinstance(body, dict):
+            raise FrameError("a CALL is a JSON object")
+        method = str(body.get("method", ""))
+        waits = method in LONG_CALLS
+        if (self._waiting >= MAX_SERVED_WAITS) if waits else (self._served >= MAX_SERVED_CALLS):
+            self.send(Kind.REPLY, ident, json.dumps(
+                {"error": [503, f"Cluster member {self.peer} has too many calls in flight here; try again"]}).encode())
+            return
         assert self._service is not None
-        self._served += 1
-        self._spawn(self._run_call(ident, self._service.call(self.peer, str(body.get("method", "")),
-                                                              body.get("args"))))
+        if waits:
+            self._waiting += 1
+        else:
+            self._served += 1
+        self._spawn(self._run_call(ident, self._service.call(self.peer, method, body.get("args")), waits),
+                    self._calls_served)
 
-    async def _run_call(self, ident: int, reply: Awaitable[dict[str, Any]]) -> None:
+    async def _run_call(self, ident: int, reply: Awaitable[dict[str, Any]], waits: bool) -> None:
         try:
-            answer = await reply
-        except Exception as exc:  # noqa: BLE001 - the caller gets an error, the link goes on
-            log.exception("member call from %s failed", self.peer)
-            answer = {"error": [500, f"internal error: {type(exc).__name__}"]}
+            try:
+                self.send(Kind.REPLY, ident, json.dumps(await reply).encode())
+            except TooLarge as exc:
+                self.send(Kind.REPLY, ident, json.dumps({"error": [500, exc.message]}).encode())
+            except Exception as exc:  # noqa: BLE001 - the caller gets an error, the link goes on
+                log.exception("member call from %s failed", self.peer)
+                self.send(Kind.REPLY, ident, json.dumps({"error": [500, f"internal error: {type(exc).__name__}"]}).encode())
+            with contextlib.suppress(ChannelClosed):
+                await self.drain()  # a peer that reads slowly holds its calls' slots, not our memory
         finally:
-            self._served -= 1
-        self.send(Kind.REPLY, ident, json.dumps(answer).encode())
+            if waits:
+                self._waiting -= 1
+            else:
+                self._served -= 1
 
     def _serve_open(self, ident: int, payload: bytes) -> None:
         if ident in self._streams or len(self._streams) >= MAX_STREAMS:
@@ -383,7 +428,7 @@ class MuxConnection(asyncio.Protocol):
         stream = self._streams[ident] = MuxStream(self, ident)
         stream.opened.set_result(None)
         assert self._service is not None
-        self._spawn(self._run_open(stream, self._service, request))
+        self._spawn(self._run_open(stream, self._service, request), self._streams_served)
 
     async def _run_open(self, stream: MuxStream, service: Service, request: dict[str, Any]) -> None:
         accepted = False
@@ -393,26 +438,27 @@ class MuxConnection(asyncio.Protocol):
             accepted = True
             self.send(Kind.ACCEPT, stream.ident)
 
+        failed = False
         try:
             await service.open(self.peer, request, stream, accept)
         except ApiError as exc:
             if not accepted:
                 self._streams.pop(stream.ident, None)
-                self.send(Kind.REFUSE, stream.ident, json.dumps([exc.status, exc.message]).encode())
+                self.send(Kind.REFUSE, stream.ident, json.dumps([exc.status, exc.message[:4096]]).encode())
                 return
             log.warning("relayed socket from %s: %s", self.peer, exc.message)
+            failed = True
         except Exception:  # noqa: BLE001
             log.exception("relayed socket from %s failed", self.peer)
             if not accepted:
                 self._streams.pop(stream.ident, None)
                 self.send(Kind.REFUSE, stream.ident, json.dumps([500, "internal error"]).encode())
                 return
-        await stream.close(1011 if stream.abnormal else 1000)
+            failed = True
+        await stream.close(1011 if failed or stream.abnormal else 1000)
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    @staticmethod
+    def _spawn(coro: Awaitable[None], into: set[asyncio.Future[None]]) -> None:
         task = asyncio.ensure_future(coro)
-        _running.add(task)  # held until done (the loop keeps only weak references)
-        task.add_done_callback(_running.discard)
-
-
-_running: set[asyncio.Future[None]] = set()
+        into.add(task)  # held until done (the loop keeps only weak references)
+        task.add_done_callback(into.discard)

@@ -40,8 +40,12 @@ class Echo:
         self.callers.append(peer)
         if method == "fail":
             return {"error": [404, "no such thing"]}
-        if method == "sleep":
+        if method in ("sleep", "wait_operation"):
             await asyncio.sleep(args[0])
+        if method == "huge":
+            return {"ok": "x" * args[0]}
+        if method == "unencodable":
+            return {"ok": {1j}}
         return {"ok": [self.name, method, args]}
 
     def events(self, peer: str, batch: Any) -> None:
@@ -52,6 +56,8 @@ class Echo:
         if request["op"] == "refuse":
             raise NotFound("Operation not found")
         accept()
+        if request["op"] == "fail":
+            raise RuntimeError("the session broke after it was accepted")
         if request["op"] == "hold":  # never reads: its sender must stop at the window
             self.held.append(stream)
             await asyncio.Event().wait()
@@ -263,7 +269,10 @@ async def test_a_protocol_error_ends_only_that_link(pair: tuple[Member, Member])
     a, b = pair
     await a.link.call("m2", b.address, "echo", ())
     (conn,) = [c for c in a.link._all]
-    conn.send(Kind.CLOSE, 1, b"too long")  # a CLOSE of 8 bytes: past its bound
+    with pytest.raises(mux.TooLarge):  # the sending side keeps the bound...
+        conn.send(Kind.CLOSE, 1, b"too long")
+    assert conn._transport is not None
+    conn._transport.write(frame(Kind.CLOSE, 1, b"too long"))  # ...a peer that broke it loses the link
     await until(lambda: conn.lost)
     assert await a.link.call("m2", b.address, "echo", (3,)) == ["m2", "echo", [3]]
 
@@ -275,3 +284,57 @@ async def test_a_remote_not_found_is_raised_as_not_found(pair: tuple[Member, Mem
         await a.link.call("m2", b.address, "fail", ())
     with pytest.raises(NotFound):
         await a.link.dial_exec_socket("m2", b.address, "refuse", "s", Identity("alice", "unix"))
+
+
+async def test_a_reply_too_big_for_a_frame_fails_that_call_only(pair: tuple[Member, Member]) -> None:
+    a, b = pair
+    stream = await a.link.dial_exec_socket("m2", b.address, "op", "s", Identity("alice", "unix"))
+    with pytest.raises(ApiError, match="over the member link's") as err:
+        await a.link.call("m2", b.address, "huge", (MAX_PAYLOAD[Kind.REPLY] + 1,))
+    assert err.value.status == 500
+    with pytest.raises(Unavailable, match="dropped"):
+        await a.link.send_events("m2", b.address, "[" + " " * MAX_PAYLOAD[Kind.EVENTS] + "]")
+    await stream.send_bytes(b"the link is still up")
+    assert await stream.receive() == b"the link is still up"
+    assert a.dials == 1
+
+
+async def test_a_reply_that_cannot_be_built_is_an_error_not_a_hang(pair: tuple[Member, Member]) -> None:
+    a, b = pair
+    with pytest.raises(ApiError, match="internal error") as err:
+        await asyncio.wait_for(a.link.call("m2", b.address, "unencodable", ()), 10)
+    assert err.value.status == 500
+
+
+async def test_text_counts_its_bytes_against_the_window(pair: tuple[Member, Member]) -> None:
+    a, b = pair
+    stream = await a.link.dial_exec_socket("m2", b.address, "op", "s", Identity("alice", "unix"))
+    text = "\u00e9" * (1 << 19)  # 1 MiB of UTF-8 in 512 Ki characters
+    for _ in range(12):  # three windows' worth: a leak of credit would stall it
+        await asyncio.wait_for(stream.send_text(text), 10)
+        assert await asyncio.wait_for(stream.receive(), 10) == text
+    await stream.close()
+
+
+async def test_a_session_that_fails_after_accepting_closes_abnormally(pair: tuple[Member, Member]) -> None:
+    a, b = pair
+    stream = await a.link.dial_exec_socket("m2", b.address, "fail", "s", Identity("alice", "unix"))
+    assert await asyncio.wait_for(stream.receive(), 10) is None
+    assert stream.abnormal and stream.close_code == 1011
+
+
+async def test_waits_do_not_take_the_calls_slots(pair: tuple[Member, Member], monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = pair
+    monkeypatch.setattr(mux, "MAX_SERVED_CALLS", 2)
+    waits = [asyncio.ensure_future(a.link.call("m2", b.address, "wait_operation", (30,))) for _ in range(5)]
+    busy = [asyncio.ensure_future(a.link.call("m2", b.address, "sleep", (30,))) for _ in range(2)]
+    await until(lambda: b.service.callers.count("m1") == 7)
+    with pytest.raises(ApiError, match="too many calls in flight") as err:
+        await a.link.call("m2", b.address, "echo", ())
+    assert err.value.status == 503
+    for conn in list(b.link._all):  # the link goes: what it served for m1 is cancelled, its callers told
+        conn.abort()
+    for call in waits + busy:
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(call, 5)
+    await until(lambda: all(not c._calls_served for c in b.link._all))
