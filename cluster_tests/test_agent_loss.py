@@ -50,7 +50,8 @@ async def _task_exec(ep: Endpoint, mark: str) -> tuple[int, bytes]:
         except httpx.HTTPError as exc:  # the local agent's connection was cut: an end too
             return -1, type(exc).__name__.encode()
         body = r.json()
-        return r.status_code, f"{body.get('metadata', {}).get('status')}: {body.get('error') or body.get('metadata', {}).get('err')}".encode()
+        meta = body.get("metadata") or {}  # an error envelope (a 503: the owner could not say) has none
+        return r.status_code, f"{meta.get('status')}: {body.get('error') or meta.get('err')}".encode()
 
 
 async def test_agent_killed_during_50_execs(cluster: Cluster) -> None:
