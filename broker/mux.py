@@ -181,7 +181,6 @@ class MuxConnection(asyncio.Protocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self.lost = False
-        self.made: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # -- asyncio.Protocol ----------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -199,8 +198,6 @@ class MuxConnection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE[2])
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
         transport.set_write_buffer_limits(high=SOCKET_BUFFER, low=SOCKET_BUFFER // 4)
-        if not self.made.done():
-            self.made.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -229,8 +226,6 @@ class MuxConnection(asyncio.Protocol):
                                                         "the member link was lost"))
             stream.ended(None, abnormal=True)
         self._streams.clear()
-        if not self.made.done():
-            self.made.set_exception(ConnectionError("the member link was lost"))
         self._on_lost(self)
 
     def pause_writing(self) -> None:
