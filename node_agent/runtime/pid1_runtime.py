@@ -29,7 +29,7 @@ _LDD_LINE = re.compile(r"(?:(\S+) => )?(/\S+) \(0x[0-9a-f]+\)")
 
 # What pid1 imports, listed by the interpreter itself (run with pid1's own flags: no site).
 _LIST_MODULES = """
-import importlib.util, json, sys
+import importlib.util, json, runpy, sys  # runpy: what `python -m` starts with (frozen only from 3.11)
 sys.path.insert(0, sys.argv[1])
 import node_agent.runtime.pid1.__main__, node_agent.runtime.pid1.launch, node_agent.runtime.pid1.server
 files = set()
