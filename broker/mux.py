@@ -216,14 +216,13 @@ class MuxConnection(asyncio.Protocol):
         self._writable.set()
         for fut in self._calls.values():
             if not fut.done():
-                fut.set_exception(Unavailable(f"Cluster member {self.peer} is unreachable: the member link was lost"))
+                fut.set_exception(self._lost_error())
         self._calls.clear()
         for task in list(self._calls_served):  # nobody is left to answer
             task.cancel()
         for stream in list(self._streams.values()):
             if not stream.opened.done():
-                stream.opened.set_exception(Unavailable(f"Cluster member {self.peer} is unreachable: "
-                                                        "the member link was lost"))
+                stream.opened.set_exception(self._lost_error())
             stream.ended(None, abnormal=True)
         self._streams.clear()
         self._on_lost(self)
@@ -255,6 +254,9 @@ class MuxConnection(asyncio.Protocol):
         if self.lost:
             raise ChannelClosed("the member link was lost")
 
+    def _lost_error(self) -> Unavailable:
+        return Unavailable(f"Cluster member {self.peer} is unreachable: the member link was lost")
+
     def _ident(self) -> int:
         while True:
             ident = self._next
@@ -268,7 +270,7 @@ class MuxConnection(asyncio.Protocol):
     async def call(self, method: str, args: Any, timeout: float | None = None) -> bytes:
         """The peer's raw REPLY to ``method(*args)``."""
         if self.lost:
-            raise Unavailable(f"Cluster member {self.peer} is unreachable: the member link was lost")
+            raise self._lost_error()
         body = json.dumps({"method": method, "args": args}).encode()
         ident = self._ident()
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -280,13 +282,13 @@ class MuxConnection(asyncio.Protocol):
         except asyncio.TimeoutError:
             raise Unavailable(f"Cluster member {self.peer} did not answer within {timeout} s") from None
         except ChannelClosed:
-            raise Unavailable(f"Cluster member {self.peer} is unreachable: the member link was lost") from None
+            raise self._lost_error() from None
         finally:
             self._calls.pop(ident, None)
 
     async def send_events(self, batch: str) -> None:
         if self.lost:
-            raise Unavailable(f"Cluster member {self.peer} is unreachable: the member link was lost")
+            raise self._lost_error()
         try:
             self.send(Kind.EVENTS, 0, batch.encode())
         except TooLarge as exc:
@@ -294,12 +296,12 @@ class MuxConnection(asyncio.Protocol):
         try:
             await self.drain()
         except ChannelClosed:
-            raise Unavailable(f"Cluster member {self.peer} is unreachable: the member link was lost") from None
+            raise self._lost_error() from None
 
     async def open_stream(self, request: dict[str, Any]) -> MuxStream:
         """A stream the peer accepted; its refusal is raised as the same ApiError."""
         if self.lost:
-            raise Unavailable(f"Cluster member {self.peer} is unreachable: the member link was lost")
+            raise self._lost_error()
         if len(self._streams) >= MAX_STREAMS:
             raise Unavailable(f"Too many relayed sockets to cluster member {self.peer} at once; try again")
         ident = self._ident()

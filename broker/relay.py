@@ -13,32 +13,23 @@ from core.aio import first_of
 from core.channel import Channel, ChannelClosed
 
 
+async def _copy(source: Channel, sink: Channel) -> None:
+    """Messages from ``source`` to ``sink``, binary kept binary, until either side has gone."""
+    try:
+        while (msg := await source.receive()) is not None:
+            if isinstance(msg, bytes):
+                await sink.send_bytes(msg)
+            else:
+                await sink.send_text(msg)
+    except ChannelClosed:
+        pass
+
+
 async def relay(client: Channel, upstream: MuxStream) -> bool:
     """Copy messages until either side ends, then close both. True when the owner went away mid-stream
     (the link was lost or the owner closed with an error: its agent may have stopped)."""
-
-    async def down() -> None:
-        try:
-            while (msg := await upstream.receive()) is not None:
-                if isinstance(msg, bytes):
-                    await client.send_bytes(msg)
-                else:
-                    await client.send_text(msg)
-        except ChannelClosed:
-            pass
-
-    async def up() -> None:
-        try:
-            while (msg := await client.receive()) is not None:
-                if isinstance(msg, bytes):
-                    await upstream.send_bytes(msg)
-                else:
-                    await upstream.send_text(msg)
-        except ChannelClosed:
-            pass
-
     try:
-        await first_of(down(), up())
+        await first_of(_copy(upstream, client), _copy(client, upstream))
     finally:
         lost = upstream.abnormal
         with contextlib.suppress(Exception):
