@@ -51,7 +51,7 @@ from typing import Any
 
 from websockets.asyncio.client import unix_connect
 
-from bench.harness import raise_nofile
+from bench.harness import raise_nofile, vm_rss_kib
 from bench.wire import Api
 from node_agent.runtime import cgroups
 from node_agent.service import cgroup_parent
@@ -414,14 +414,6 @@ def children_of(pid: int) -> int:
     return n
 
 
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for {pid}")
-
-
 async def agent_pid(api: Api, data_dir: Path) -> int:
     """The member's agent: the API's server_pid, checked to be the ``ray::NodeAgent`` of that data dir."""
     pid = int((await api.get("/1.0"))["environment"]["server_pid"])
@@ -449,7 +441,7 @@ async def sample(cfg: Config, apis: dict[str, Api], pids: dict[str, int], at_exe
                 state = await apis[node].get(f"/1.0/instances/{r.instance}/state")
                 procs[r.instance] = int(state["processes"])
         out[node] = Sample(pid, len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task")),
-                           children_of(pid), _rss_kib(pid), procs, at_exec)
+                           children_of(pid), vm_rss_kib(pid), procs, at_exec)
     return out
 
 
