@@ -338,3 +338,15 @@ async def test_waits_do_not_take_the_calls_slots(pair: tuple[Member, Member], mo
         with pytest.raises(Unavailable):
             await asyncio.wait_for(call, 5)
     await until(lambda: all(not c._calls_served for c in b.link._all))
+
+
+async def test_streams_per_link_are_bounded(pair: tuple[Member, Member], monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = pair
+    monkeypatch.setattr(mux, "MAX_STREAMS", 2)
+    held = [await a.link.dial_exec_socket("m2", b.address, "op", "s", Identity("alice", "unix")) for _ in range(2)]
+    with pytest.raises(Unavailable, match="Too many relayed sockets"):
+        await a.link.dial_exec_socket("m2", b.address, "op", "s", Identity("alice", "unix"))
+    await held[0].close()
+    again = await a.link.dial_exec_socket("m2", b.address, "op", "s", Identity("alice", "unix"))
+    await again.send_bytes(b"room again")
+    assert await again.receive() == b"room again"
