@@ -347,6 +347,7 @@ async def test_streams_per_link_are_bounded(pair: tuple[Member, Member], monkeyp
     with pytest.raises(Unavailable, match="Too many relayed sockets"):
         await a.link.dial_exec_socket("m2", b.address, "op", "s", Identity("alice", "unix"))
     await held[0].close()
+    await until(lambda: all(c.streams < 2 for c in b.link._all))  # the owner's end closed too
     again = await a.link.dial_exec_socket("m2", b.address, "op", "s", Identity("alice", "unix"))
     await again.send_bytes(b"room again")
     assert await again.receive() == b"room again"
