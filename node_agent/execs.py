@@ -157,6 +157,7 @@ class Execs:
         op = self.ops.create("task", "Executing command", resources, {}, who, project=inst.project,
                              may_cancel=True)
         proc: list[Process] = []
+        cancelled: list[bool] = []  # a cancel that came before the spawn answered
 
         async def run(op: Operation) -> None:
             devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
@@ -174,6 +175,8 @@ class Execs:
             finally:
                 close_quietly(*{devnull, out, err})
             proc.append(p)
+            if cancelled:
+                p.kill_group()
             self._lifecycle("instance-exec", name, who, {"command": post.command})
             deadline = Deadline(p, post.timeout) if post.timeout is not None else None
             try:
@@ -188,6 +191,7 @@ class Execs:
                 raise ApiError(result.error)
 
         async def cancel() -> None:
+            cancelled.append(True)
             for p in proc:
                 p.kill_group()
 

@@ -170,6 +170,22 @@ async def test_delete_operation_cancels(raw: Raw, c1: str) -> None:
         await ws.close()
 
 
+async def test_delete_of_a_task_before_its_command_started(raw: Raw, c1: str) -> None:
+    """A task exec cancelled in the same breath as its POST (before pid1 answered the spawn) still ends
+    Cancelled at once, its command killed as soon as it exists (it used to run on, the operation stuck in
+    Cancelling until the command ended by itself)."""
+    marker = f"EB_EARLY_{uuid.uuid4().hex}"
+    async with raw.client() as c:
+        r = await c.post(f"/1.0/instances/{c1}/exec", content=json.dumps(
+            {"command": ["sleep", "600"], "wait-for-websocket": False, "environment": {"EB_MARK": marker}}))
+        op = r.json()["metadata"]["id"]
+        r = await c.delete(f"/1.0/operations/{op}")
+        assert r.status_code == 200, r.text
+    final = await raw.wait(op, 20)
+    assert final["status"] == "Cancelled", final
+    await asyncio.to_thread(wait_for, lambda: not processes_mentioning(marker), 20, "the command gone")
+
+
 async def test_wrong_secret_and_duplicate(raw: Raw, c1: str) -> None:
     op = await raw.exec_op(c1, ["cat"])
     base = f"ws://eb/1.0/operations/{op['id']}/websocket?secret="
