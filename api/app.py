@@ -8,6 +8,7 @@ error envelope here, once.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
@@ -18,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 from api import envelope
 from api.auth import Authenticate
 from api.limits import MAX_BODY, BodyLimit
+from api.proxy import ToAgent
 from api.routes import (
     audit,
     certificates,
@@ -36,8 +38,13 @@ from core.trust import Certificate
 
 
 def create_app(backend: Frontend, trust: Callable[[str], Certificate | None] = lambda _fp: None,
-               admin_group: int | None = None, max_body: int = MAX_BODY) -> FastAPI:
+               admin_group: int | None = None, max_body: int = MAX_BODY,
+               to_agent: tuple[Path, Callable[[Scope], bool]] | None = None) -> FastAPI:
+    """``to_agent`` (a worker process): the agent's worker socket, and which requests this process
+    serves itself; the others go there (api/proxy.py), after the caller was identified here."""
     app = FastAPI(title="execbroker", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    if to_agent is not None:
+        app.add_middleware(ToAgent, socket_path=to_agent[0], serves_here=to_agent[1])  # innermost
     app.add_middleware(BodyLimit, limit=max_body, unbounded=files.is_push)  # a file's size is the disk's
     app.add_middleware(Authenticate, trust=trust, admin_group=admin_group)  # outermost: runs first
 

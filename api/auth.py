@@ -7,7 +7,9 @@ every request of a kept-alive connection, so a revocation takes effect at once):
   certificate of type ``metrics`` may read ``GET /1.0/metrics`` and nothing more; an unknown certificate
   may read ``GET /1.0`` (``auth: untrusted``) and present a trust token, and gets a 403 for everything else;
 * member listener: the TLS layer already proved the peer holds the cluster certificate; a forwarded
-  request carries the identity it is made for.
+  request carries the identity it is made for;
+* worker socket (the agent's, for its own worker processes' proxied requests): a peer of our own uid,
+  on a socket only that uid may open; the request carries the identity the worker authenticated.
 
 ``scope["state"]["identity"]`` is the caller (None only for an untrusted TLS client on the routes open to
 it); routes under ``/internal/`` exist only on the member listener.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import grp
 import json
+import os
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -72,7 +75,9 @@ class Authenticate:
                 client = scope.get("client")
                 state["identity"] = Identity(cert.fingerprint, "tls", f"{client[0]}:{client[1]}" if client else "",
                                              cert.restricted, cert.projects)
-        else:
+        else:  # a member, or this node's own worker process (its private socket: our uid only)
+            if peer.listener == "worker" and peer.uid != os.geteuid():
+                return await _deny(scope, receive, send, 403, "not authorized")
             raw = dict(scope.get("headers") or []).get(FORWARDED_HEADER.lower().encode())
             try:
                 state["identity"] = Identity.from_wire(json.loads(raw)) if raw else Identity("cluster", "cluster")

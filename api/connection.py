@@ -27,8 +27,12 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 
 from api import envelope
 from api.tls import TLSConnection, TLSTransport
+from core import workers
 
-Listener = Literal["unix", "https", "member"]
+Listener = Literal["unix", "https", "member", "worker"]
+# (first request's target, the bytes read so far, the transport) -> True when another process took the
+# connection (api/handoff.py)
+Route = Callable[[bytes, bytes, asyncio.Transport], bool]
 SEND_BUFFER = 4 << 20  # a 1 MiB output frame leaves in one send(): no partial writes, copies, wake-ups
 REQUEST_TIMEOUT = 5.0  # seconds from connect (or a request's first byte) to its complete headers
 CLOSE_GRACE = 30.0  # seconds a closed websocket's client has to read what was sent before the close frame
@@ -78,7 +82,7 @@ def peer_of(transport: asyncio.Transport, listener: Listener) -> Peer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         except OSError:
             pass
-    if listener == "unix" and sock is not None and sock.family == socket.AF_UNIX:
+    if listener in ("unix", "worker") and sock is not None and sock.family == socket.AF_UNIX:
         uid, gids = _unix_credentials(sock)
         return Peer(listener, uid=uid, gids=gids)
     return Peer(listener, fingerprint=transport.get_extra_info("peer_fingerprint") or "",
@@ -89,10 +93,14 @@ class EdgeHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol (the C parser: h11 was ~8% of an exec's CPU) with a Peer in its
     state, a connection cap, and a deadline and a size bound for each request's line and headers."""
 
-    def __init__(self, *, listener: Listener, limits: Limits, **kwargs: Any) -> None:
+    def __init__(self, *, listener: Listener, limits: Limits, route: Route | None = None, preface: bytes = b"",
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.listener = listener
         self.limits = limits
+        self._route = route  # may hand the connection to another process on its first request line
+        self._sniffed = b""  # what was read of the first request while its line was incomplete
+        self._preface = preface  # what another process read of this connection before handing it over
         self._deadline: asyncio.TimerHandle | None = None
         self._in_headers = True  # no request yet, or one whose headers are not complete
         self._header_bytes = 0  # received of them so far
@@ -108,8 +116,15 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             transport.close()
             return
         self._arm()
+        if self._preface:
+            data, self._preface = self._preface, b""
+            self.data_received(data)
 
     def data_received(self, data: bytes) -> None:
+        if self._route is not None:
+            data = self._sniff(data)
+            if not data:
+                return
         if self._in_headers:  # a request's line and headers (or the wait for them): bounded before parsing
             window = self._tail + data
             end = window.find(b"\r\n\r\n")
@@ -119,6 +134,20 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             self._header_bytes += len(data)
             self._tail = window[-3:]
         super().data_received(data)
+
+    def _sniff(self, data: bytes) -> bytes:
+        """The first request line decides which process serves the connection: ``route`` takes it
+        (and closes our end) or leaves it here; returns what this protocol should parse now."""
+        data = self._sniffed + data
+        line = workers.request_line(data)
+        if line is None and len(data) < workers.MAX_REQUEST_LINE and b"\r\n" not in data:
+            self._sniffed = data
+            return b""
+        route, self._route, self._sniffed = self._route, None, b""
+        if line is not None and self.transport is not None and route is not None and route(line[1], data, self.transport):
+            self._disarm()
+            return b""
+        return data
 
     def _refuse_headers(self) -> None:
         self._disarm()
@@ -274,9 +303,9 @@ class ClientConnections:
         return cut
 
 
-def http_protocol(listener: Listener, limits: Limits) -> Callable[..., EdgeHttpProtocol]:
+def http_protocol(listener: Listener, limits: Limits, route: Route | None = None) -> Callable[..., EdgeHttpProtocol]:
     """A protocol factory for uvicorn (which calls it with its own keyword arguments)."""
-    return functools.partial(EdgeHttpProtocol, listener=listener, limits=limits)
+    return functools.partial(EdgeHttpProtocol, listener=listener, limits=limits, route=route)
 
 
 def tls_http_protocol(listener: Listener, limits: Limits, context: Callable[[], Any],

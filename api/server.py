@@ -20,12 +20,13 @@ import os
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 from OpenSSL import SSL
 
-from api.connection import EdgeWebSocketProtocol, Limits, http_protocol, tls_http_protocol
+from api.connection import EdgeWebSocketProtocol, Limits, Route, http_protocol, tls_http_protocol
 from api.tls import TLSTransport, server_context
 from core.errors import BadRequest
 
@@ -122,6 +123,21 @@ class _Running:
                 self.task.result()
             await asyncio.sleep(0.01)
 
+    def adopt(self, sock: socket.socket, preface: bytes) -> None:
+        """Serve a connection another process accepted (api/handoff.py), ``preface`` being what it read."""
+        server = self.server
+
+        def protocol() -> asyncio.Protocol:
+            made: asyncio.Protocol = server.config.http_protocol_class(  # type: ignore[call-arg]
+                config=server.config, server_state=server.server_state, app_state=server.lifespan.state,
+                route=None, preface=preface)
+            return made
+
+        task = asyncio.get_running_loop().create_task(
+            asyncio.get_running_loop().connect_accepted_socket(protocol, sock))
+        _adopting.add(task)
+        task.add_done_callback(_adopted)
+
     async def stop(self) -> None:
         self.server.should_exit = True
         if self.task is not None:
@@ -130,16 +146,30 @@ class _Running:
         self.sock.close()
 
 
+_adopting: set[asyncio.Task[Any]] = set()
+
+
+def _adopted(task: asyncio.Task[Any]) -> None:
+    _adopting.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("a handed connection could not be served: %s", task.exception())
+
+
 class ApiServer:
     """The listeners of one node. ``app`` must be set before any listener starts; the unix socket is
     bound at once (so a second server on the same data dir fails early) and served by ``start``."""
 
-    def __init__(self, path: Path, group: int | None, limits: Limits | None = None) -> None:
+    def __init__(self, path: Path, group: int | None, limits: Limits | None = None,
+                 unix_sock: socket.socket | None = None) -> None:
         self.app: FastAPI | None = None
         self.path = path
         self.limits = limits or Limits()
-        self._unix_sock = bind_unix(path, group)
+        self._owns_path = unix_sock is None  # a worker serves the socket its agent bound
+        self._unix_sock = unix_sock if unix_sock is not None else bind_unix(path, group)
         self._unix: _Running | None = None
+        self._workers: _Running | None = None
+        self._workers_path: Path | None = None
+        self.route: Route | None = None  # the unix socket's first-request router (a node with workers)
         self._member: _Running | None = None
         self._https: _Running | None = None
         self._tls_context: SSL.Context | None = None
@@ -152,8 +182,25 @@ class ApiServer:
         return self.app
 
     async def start(self) -> None:
-        self._unix = _Running(self._app(), self._unix_sock, http_protocol("unix", self.limits))
+        self._unix = _Running(self._app(), self._unix_sock, http_protocol("unix", self.limits, self.route))
         await self._unix.start()
+
+    @property
+    def unix_socket(self) -> socket.socket:
+        return self._unix_sock
+
+    def adopt(self, sock: socket.socket, preface: bytes) -> None:
+        """A unix-socket connection another process of the node handed over (api/handoff.py)."""
+        if self._unix is None:
+            sock.close()
+            return
+        self._unix.adopt(sock, preface)
+
+    async def start_workers(self, path: Path) -> None:
+        """The socket this node's worker processes send what they do not serve to (our uid only)."""
+        self._workers = _Running(self._app(), bind_unix(path, None), http_protocol("worker", self.limits))
+        self._workers_path = path
+        await self._workers.start()
 
     def set_certificate(self, cert_pem: str, key_pem: str, fingerprint: str) -> None:
         """The cluster certificate: what both TLS listeners present, and what members must present."""
@@ -212,10 +259,12 @@ class ApiServer:
         return address_of(self._https.sock) if self._https is not None else ""
 
     async def stop(self) -> None:
-        for running in (self._https, self._member, self._unix):
+        for running in (self._https, self._member, self._workers, self._unix):
             if running is not None:
                 await running.stop()
         self._unix_sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        for path in (self.path if self._owns_path else None, self._workers_path):
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
 

@@ -177,7 +177,8 @@ async def delete_instances(api: Api) -> list[str]:
 class BrokerProcess:
     """`execbroker up` in a fresh temp dir (EXECBROKER_DIR, RAY_TMPDIR), in its own session."""
 
-    def __init__(self) -> None:
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        self.env = env or {}  # beside ours, for `up` (EXECBROKER_WORKERS)
         self.base = Path(tempfile.mkdtemp(prefix="ebbench-", dir="/tmp"))
         self.base.chmod(0o711)  # instances' roots (unprivileged host uids) pass through to their rootfs
         self.data_dir = self.base / "data"
@@ -202,7 +203,7 @@ class BrokerProcess:
     def start(self) -> None:
         """Popen `execbroker up`, then wait for its "serving on" line."""
         env = {**os.environ, "EXECBROKER_DIR": str(self.data_dir), "RAY_TMPDIR": str(self.base / "ray"),
-               "PYTHONUNBUFFERED": "1"}
+               "PYTHONUNBUFFERED": "1", **self.env}
         self._t0 = time.perf_counter()
         self.proc = subprocess.Popen([str(BIN / "execbroker"), "up"], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)

@@ -27,7 +27,7 @@ from bench.context import Context
 from bench.harness import BrokerProcess, Row
 from bench.profiler import Profiler, ensure_pyspy
 from bench.wire import Api
-from bench.workloads import DEFAULT, NAMES, WORKLOADS, cluster, startup
+from bench.workloads import DEFAULT, NAMES, WORKLOADS, cluster, startup, workers
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Wall-clock bound per workload (seconds), quick / full.
@@ -115,10 +115,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         ctx.baselines["ray_start"] = await asyncio.to_thread(startup.measure_ray_start)
     rows: list[Row] = []
     profiler = None
-    modules = [w for w in WORKLOADS if w.NAME in selected and w is not cluster]
+    modules = [w for w in WORKLOADS if w.NAME in selected and w not in (cluster, workers)]
     if modules:
         profiler = Profiler(pyspy, stamp, RESULTS) if pyspy else None
         rows += await on_own_broker(ctx, modules, report, profiler)
+    if "workers" in selected:  # after our broker stopped: brokers of its own, one at a time
+        rows += await run_workload(workers, ctx)
     if "cluster" in selected:  # after our broker stopped: one cluster at a time
         rows += await run_workload(cluster, ctx)
 

@@ -49,6 +49,9 @@ TARGETS: dict[tuple[str, str], Target] = {
     (FWD, "exec `true` p50, forwarded"): Target("<= 1.2x local", _ratio_at_most(1.2)),
     (FWD, "`lxc exec -- true` p50, forwarded"): Target("<= 1.2x local", _ratio_at_most(1.2)),
     (FWD, "stdout 256 MiB, forwarded"): Target(">= 0.8x local", _ratio_at_least(0.8)),
+    ("9 exec rate, 2 front-end processes vs 1", "task mode, 2 processes"): Target(">= 1.8x 1 process", _ratio_at_least(1.8)),
+    ("9 exec rate, 2 front-end processes vs 1", "websocket mode, 2 processes"):
+        Target(">= 1.8x 1 process", _ratio_at_least(1.8)),
 }
 
 

@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from broker import fanout
+from broker import fanout, rpc
 from broker.cluster_link import ClusterLink
 from broker.member_link import Proxied, Unreachable
 from broker.members import member_json, offline_instance
@@ -34,9 +34,13 @@ from node_agent.service import NodeService, check_instance_name
 
 if TYPE_CHECKING:
     from broker.admin import Admin
+    from broker.workers import Processes
 
 log = logging.getLogger(__name__)
 OWNER_CHECK_TIMEOUT = 2.0  # seconds for an owner to say whether it still runs an operation
+WORKER_ADDRESS = "worker:"  # websocket_owner's answer for an operation of this member's worker N
+# NodeService methods about one operation (its id first): a worker's operation is the worker's to answer
+WORKER_OP_METHODS = frozenset({"get_operation", "wait_operation", "cancel_operation", "has_operation"})
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -53,6 +57,7 @@ class Frontend:
         self._forwarded = {kind: service.metrics.forwarded.labels(kind).inc for kind in ("call", "websocket", "file")}
         self.remote = RemoteOps()
         self._checks: set[asyncio.Task[None]] = set()  # owners being asked about operations
+        self.workers: Processes | None = None  # this node's other front-end processes (broker/workers.py)
 
     # -- ownership ----------------------------------------------------------------------------------
     async def _instance_owner(self, key: str, fresh: bool = False) -> str:
@@ -99,8 +104,21 @@ class Frontend:
             raise NotFound("Operation not found")
         return owner
 
+    def worker_of(self, op_id: str) -> int | None:
+        """The worker process of this node that runs ``op_id``, by its id (None: not a worker's)."""
+        if self.workers is None or self.local.has_operation(op_id) or self.remote.owner_of(op_id) is not None:
+            return None
+        return self.workers.owner(op_id)
+
     async def _on_op(self, op_id: str, method: str, who: Identity, *args: Any) -> Any:
         """``method(op_id, *args, who)`` on the operation's owner."""
+        worker = self.worker_of(op_id)
+        if worker is not None:
+            assert self.workers is not None
+            try:
+                return await self.workers.call(worker, method, op_id, *args, who)
+            except NotFound:
+                pass  # an id of another member's that looks like one of ours
         owner = await self._op_owner_of(op_id)
         if owner == self.name:
             return await _maybe_await(getattr(self.local, method)(op_id, *args, who))
@@ -387,7 +405,7 @@ class Frontend:
         if not target or target == self.name or self.link is None:
             if target and target != self.name:
                 raise NotFound("Cluster member not found")
-            return self.local.metrics_text(who)
+            return await self.node_metrics(who)
         if target not in self.link.members:
             await self.link.refresh()
         if target not in self.link.members:
@@ -395,9 +413,43 @@ class Frontend:
         self._forwarded["call"]()
         return await self.link.call(target, "metrics_text", who)
 
+    async def node_metrics(self, who: Identity) -> str:
+        """This member's metrics: the agent's, with what its workers counted added."""
+        others = await self.workers.gather("metrics_samples") if self.workers is not None else []
+        return self.local.metrics_text(who, others)
+
     # -- operations ---------------------------------------------------------------------------------
-    async def list_operations(self, project: str | None, recursion: int, who: Identity) -> dict[str, list[Any]]:
+    async def node_operations(self, project: str | None, recursion: int, who: Identity) -> dict[str, list[Any]]:
+        """This member's operations: the agent's and its workers'."""
         merged = self.local.list_operations(project, recursion, who)
+        if self.workers is not None:
+            for part in await self.workers.gather("list_operations", project, recursion, who):
+                for status, ops in part.items():
+                    merged.setdefault(status, []).extend(ops)
+        return merged
+
+    async def serve_call(self, method: str, args: Any) -> dict[str, Any]:
+        """A member's call to this member's NodeService (broker/rpc.py): an operation of one of its
+        workers is that worker's to answer; the list gathers them."""
+        whole = {"list_operations": (self.node_operations, 3), "metrics_text": (self.node_metrics, 1)}
+        if method in whole and self.workers is not None and isinstance(args, list) and len(args) == whole[method][1]:
+            try:
+                return {"ok": rpc.encode(await whole[method][0](*rpc.decode(args)))}
+            except (TypeError, ValueError) as exc:
+                return {"error": [400, f"bad arguments for {method}: {exc}"]}
+        if method in WORKER_OP_METHODS and isinstance(args, list) and args and isinstance(args[0], str):
+            worker = self.worker_of(args[0])
+            if worker is not None:
+                assert self.workers is not None
+                reply = await self.workers.call_raw(worker, method, args)
+                if method == "has_operation" and reply.get("ok") is False:
+                    return await rpc.serve(self.local, method, args)
+                if reply.get("error", [0])[0] != 404:
+                    return reply
+        return await rpc.serve(self.local, method, args)
+
+    async def list_operations(self, project: str | None, recursion: int, who: Identity) -> dict[str, list[Any]]:
+        merged = await self.node_operations(project, recursion, who)
         if self.link is not None:
             for part in (await self.link.gather_peers("list_operations", project, recursion, who)).values():
                 for status, ops in part.items():
@@ -434,7 +486,11 @@ class Frontend:
         await self._on_op(op_id, "cancel_operation", who)
 
     async def websocket_owner(self, op_id: str) -> str:
-        """The member that runs an operation (its address when it is another member)."""
+        """The member that runs an operation (its address when it is another member, ``worker:N`` for a
+        worker process of this member)."""
+        worker = self.worker_of(op_id)
+        if worker is not None:
+            return f"{WORKER_ADDRESS}{worker}"
         owner = await self._op_owner_of(op_id)
         if owner != self.name:
             assert self.link is not None
@@ -446,7 +502,9 @@ class Frontend:
 
     async def dial_owner(self, address: str, op_id: str, secret: str, who: Identity,
                          offset: int | None = None) -> Any:
-        """The owner's exec websocket for a relay (over the member link)."""
+        """The owner's exec websocket for a relay (over the member link, or a worker's link)."""
+        if address.startswith(WORKER_ADDRESS) and self.workers is not None:
+            return await self.workers.open(int(address[len(WORKER_ADDRESS):]), op_id, secret, who, offset)
         assert self.link is not None
         self._forwarded["websocket"]()
         link = self.link  # a new operation of a restarted agent this member has not seen move yet

@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from broker import rpc
-from broker.frontend import Frontend
+from broker.relay import relay
+from broker.frontend import WORKER_ADDRESS, Frontend
 from broker.mux import MuxStream
 from core.errors import BadRequest
 from core.identity import Identity
@@ -22,7 +22,7 @@ class LinkService:
     async def call(self, peer: str, method: str, args: Any) -> dict[str, Any]:
         if self.frontend.link is not None:
             await self.frontend.link.note_peer(peer)
-        return await rpc.serve(self.frontend.local, method, args)
+        return await self.frontend.serve_call(method, args)
 
     def events(self, peer: str, batch: Any) -> None:
         if not isinstance(batch, list):
@@ -36,6 +36,12 @@ class LinkService:
                 offset is None or (isinstance(offset, int) and offset >= 0)):
             raise BadRequest(f"malformed socket request from cluster member {peer}")
         who = Identity.from_wire(request.get("identity") or {})
+        worker = self.frontend.worker_of(op_id)
+        if worker is not None:  # a worker process of ours runs it: relayed on to its link
+            upstream = await self.frontend.dial_owner(f"{WORKER_ADDRESS}{worker}", op_id, secret, who, offset)
+            accept()
+            await relay(stream, upstream)
+            return
         session, fd = self.frontend.claim_websocket(op_id, secret, who, offset)
         try:
             accept()

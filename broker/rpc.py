@@ -18,7 +18,7 @@ REMOTE_METHODS = frozenset({
     "list_instances", "get_instance", "get_instance_state", "create_instance", "update_instance", "replace_instance",
     "delete_instance", "change_state", "exec", "exec_output_list", "exec_output_read", "exec_output_delete",
     "list_operations", "get_operation", "wait_operation", "cancel_operation", "projects_in_use", "metrics_text",
-    "audit_records", "exec_capture", "has_operation",
+    "audit_records", "exec_capture", "has_operation", "metrics_samples",
 })
 MAX_CALL = 4 << 20  # bytes of one call's JSON (an exec request is at most 1 MiB)
 

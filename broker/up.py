@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from broker.gcs_store import ExternalRedis, LocalRedis
+from core.workers import MAX_WORKERS
 from broker.raynode import HEALTH_CHECKS, LOOPBACK_NODE_IP, advertised_ip, route_ip
 
 if TYPE_CHECKING:
@@ -40,12 +41,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"execbroker: invalid node name {name!r}", file=sys.stderr)
         return 2
     clustered = bool(address) or bool(getattr(args, "cluster", False))
+    processes = getattr(args, "workers", None) or int(os.environ.get("EXECBROKER_WORKERS") or 1)
+    if not 1 <= processes <= MAX_WORKERS:
+        print(f"execbroker: --workers must be 1..{MAX_WORKERS}", file=sys.stderr)
+        return 2
     node_ip = advertised_ip(_node_ip(getattr(args, "node_ip", None), address, clustered))
     env = {
         "EXECBROKER_DIR": str(directory),
         "EXECBROKER_NODE_NAME": name,
         "EXECBROKER_CLUSTERED": "1" if clustered else "",
         "EXECBROKER_HTTPS": getattr(args, "https", None) or os.environ.get("EXECBROKER_HTTPS", ""),
+        "EXECBROKER_WORKERS": str(getattr(args, "workers", None) or os.environ.get("EXECBROKER_WORKERS") or 1),
         "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
     }
     os.environ.update(env)

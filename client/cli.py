@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--node-name", help="member name of this node")
     up.add_argument("--dir", help="data directory (default $EXECBROKER_DIR or /var/lib/execbroker)")
     up.add_argument("--node-ip", help="IP address Ray advertises for this node")
+    up.add_argument("--workers", type=int, metavar="N",
+                    help="front-end processes on this node, sharing its unix socket (default 1, at most 64; "
+                         "$EXECBROKER_WORKERS)")
     up.add_argument("--port", type=int, help="head only: Ray GCS port (default: a free one)")
     up.add_argument("--https", metavar="IP:PORT",
                     help="also serve HTTPS here (sets core.https_address; kept across restarts)")

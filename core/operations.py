@@ -130,8 +130,10 @@ class OperationRegistry:
         on_change: Callable[[Operation], None],
         retention: float = 5.0,
         on_expire: Callable[[str], None] | None = None,
+        new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
     ) -> None:
         self.location = location
+        self._new_id = new_id  # this process's ids (core/workers.py)
         self.retention = retention
         self._on_change = on_change
         self._on_expire = on_expire
@@ -165,6 +167,7 @@ class OperationRegistry:
             location=self.location,
             project=project,
             may_cancel=may_cancel,
+            id=self._new_id(),
             on_change=self._changed,
         )
         self._ops[op.id] = op

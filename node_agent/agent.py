@@ -5,7 +5,7 @@ never crosses a process boundary.
 
 Configuration comes from the node's environment (inherited from the raylet): EXECBROKER_DIR,
 EXECBROKER_NODE_NAME, EXECBROKER_CLUSTERED, EXECBROKER_DRIVER, EXECBROKER_HTTPS (an initial
-``core.https_address``); the rest is server config (``/1.0``), kept in the data dir and the cluster.
+``core.https_address``), EXECBROKER_WORKERS (front-end processes, broker/workers.py); the rest is server config (``/1.0``), kept in the data dir and the cluster.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from api.app import create_app
 from api.auth import admin_gid
 from api.connection import ClientConnections, Limits
 from api.server import ApiServer
-from broker import cluster_cert
+from broker import cluster_cert, handoff
 from broker.admin import HTTPS_ADDRESS, Admin, MemberConfig
 from broker.cluster_link import NAMESPACE, ClusterLink, head_affinity
 from broker.frontend import Frontend
@@ -32,6 +32,8 @@ from broker.member_link import MemberLink
 from broker.server_state import ActorAuthority, ServerState
 from broker.state_actor import STATE_NAME
 from broker.state_actor import make_actor as make_state_actor
+from broker.workers import WORKER_SOCKET, WorkerPool
+from core import workers
 from core.errors import ApiError
 from core.replicated import Record
 from core.sealing import Sealer
@@ -62,7 +64,7 @@ class NodeAgent:
         self.clustered = env.get("EXECBROKER_CLUSTERED", "") == "1"
         self.node_id = ray.get_runtime_context().get_node_id()
         self.service = NodeService(self.data_dir, self.name, clustered=self.clustered,
-                                   driver=env.get("EXECBROKER_DRIVER", "auto"))
+                                   driver=env.get("EXECBROKER_DRIVER", "auto"), process=0)
         self.frontend = Frontend(self.service)
         self.connections = ClientConnections()
         self.limits = Limits()
@@ -72,6 +74,8 @@ class NodeAgent:
         self._starting: asyncio.Lock | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._parent = os.getppid()
+        self.processes = int(env.get("EXECBROKER_WORKERS") or 1)  # front-end processes: this one + workers
+        self.workers: WorkerPool | None = None
         if ray.get_runtime_context().was_current_actor_reconstructed:
             self._restart = asyncio.get_event_loop().create_task(self._start_or_exit())
 
@@ -130,7 +134,7 @@ class NodeAgent:
         link = ClusterLink(self.name, self.node_id, "", member_link,
                            self.service.inventory, on_member_lost=self.frontend.member_lost,
                            on_member_restarted=self.frontend.member_restarted,
-                           on_members=lambda n: self.service.set_clustered(n > 1),
+                           on_members=self._members_changed,
                            https=lambda: app_server.https_address)
         await app_server.start_member(await self._node_ip())
         link.address = member_link.address = app_server.member_address
@@ -138,7 +142,11 @@ class NodeAgent:
         self.service.hub.observers.append(link.local_event)
         self.service.on_instance_deleted = link.instance_deleted
         await link.start()
+        if self.processes > 1:
+            app_server.route = self._route
         await app_server.start()
+        if self.processes > 1:
+            await self._start_workers(app_server)
         if member.values.get(HTTPS_ADDRESS):
             try:
                 await app_server.set_https(member.values[HTTPS_ADDRESS])
@@ -146,6 +154,48 @@ class NodeAgent:
                 log.error("%s=%s: %s", HTTPS_ADDRESS, member.values[HTTPS_ADDRESS], exc.message)
         self.link = link
         self._tasks = [loop.create_task(self._watch_raylet()), loop.create_task(self._sync_state())]
+
+    async def _start_workers(self, app_server: ApiServer) -> None:
+        await app_server.start_workers(self.data_dir / WORKER_SOCKET)
+        env = {**os.environ, "EXECBROKER_WORKER_DRIVER": self.service.instances.driver_name}
+        self.workers = WorkerPool(self.processes, app_server.unix_socket, self.frontend, self._adopt,
+                                  lambda t, m, p: self.service.hub.publish(t, m, p), self._worker_config, env)
+        self.frontend.workers = self.workers
+        await self.workers.start()
+
+    def _worker_config(self) -> dict[str, Any]:
+        return {"clustered": self.service.clustered, "max_connections": self.limits.max_connections,
+                "max_operations": self.service.ops.max_per_requestor}
+
+    def _route(self, target: bytes, data: bytes, transport: asyncio.BaseTransport) -> bool:
+        """A new connection whose first request is for a worker's operation goes to that worker whole."""
+        op_id = workers.operation_in(target.decode("latin-1"))
+        worker = self.frontend.worker_of(op_id) if op_id is not None else None
+        return worker is not None and self.workers is not None and self.workers.hand(worker, transport, data)
+
+    def _adopt(self, sock: socket.socket, data: bytes, flags: int) -> None:
+        """A connection a worker handed over: served here, or passed on to the worker whose operation it
+        asks for (unless a worker gave it back to be served here)."""
+        assert self.server is not None and self.workers is not None
+        line = workers.request_line(data)
+        if line is not None and not flags & handoff.STAY:
+            op_id = workers.operation_in(line[1].decode("latin-1"))
+            worker = self.frontend.worker_of(op_id) if op_id is not None else None
+            if worker is not None and self.workers.hand_socket(worker, sock, data):
+                return
+        self.server.adopt(sock, data)
+
+    def _members_changed(self, members: int) -> None:
+        was = self.service.clustered
+        self.service.set_clustered(members > 1)
+        if self.workers is not None and self.service.clustered != was:
+            self._configure_workers()
+
+    def _configure_workers(self) -> None:
+        if self.workers is not None:
+            task = asyncio.get_running_loop().create_task(self.workers.configure())
+            self._tasks.append(task)
+            task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
 
     def _https_addresses(self) -> list[str]:
         """Where a token's holder may reach the cluster: every member's HTTPS listener."""
@@ -166,6 +216,7 @@ class NodeAgent:
         assert self.state is not None
         self.limits.max_connections = self.state.records.config_int(MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS)
         self.service.ops.max_per_requestor = self.state.records.config_int(MAX_OPERATIONS, DEFAULT_MAX_OPERATIONS)
+        self._configure_workers()
 
     async def _sync_state(self) -> None:
         assert self.state is not None
@@ -229,6 +280,8 @@ class NodeAgent:
         """Stop serving and end every session; instances keep running (they are re-adopted on start)."""
         for task in self._tasks:
             task.cancel()
+        if self.workers is not None:
+            await self.workers.stop()
         if self.server is not None:
             await self.server.stop()
             self.server = None

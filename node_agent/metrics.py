@@ -24,6 +24,7 @@ from node_agent.runtime.instances import InstanceManager
 disable_created_metrics()  # no *_created series: a scrape is the figures, not when a counter was made
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 LABELS = ("project", "name", "type")
+INSTANCE_PREFIX = "lxd_"  # the instances' families (read from their cgroups by the agent only)
 START_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
@@ -56,16 +57,66 @@ class Metrics:
         self._restricted = _Scraped(instances, ops, operations=False)
         self._instances_only.register(self._restricted)
 
-    def render(self, allows: Callable[[str], bool] | None = None) -> bytes:
+    def samples(self) -> list[Any]:
+        """This process's own figures (not the instances', which the agent reads), as JSON for the agent
+        to add to its scrape: ``[[family, type, help, unit, [[sample, labels, value], ...]], ...]``."""
+        return [[m.name, m.type, m.documentation, m.unit, [[s.name, s.labels, s.value] for s in m.samples]]
+                for m in self.registry.collect() if not m.name.startswith(INSTANCE_PREFIX)]
+
+    def render(self, allows: Callable[[str], bool] | None = None, others: list[list[Any]] | None = None) -> bytes:
         """The metrics; for a caller restricted to some projects (``allows``), only those projects'
-        instance series (the broker's own counters are the whole member's)."""
+        instance series (the broker's own counters are the whole member's). ``others``: the ``samples()``
+        of this node's worker processes, added to ours."""
         if allows is None:
+            if others:
+                merged = CollectorRegistry(auto_describe=False)
+                merged.register(_Summed(self.registry, others))
+                return generate_latest(merged)
             return generate_latest(self.registry)
         self._restricted.allows = allows  # collect() runs inside generate_latest, on this thread
         try:
             return generate_latest(self._instances_only)
         finally:
             self._restricted.allows = _nothing
+
+
+class _Summed:
+    """A registry's families with the same families of other processes added, sample by sample."""
+
+    def __init__(self, registry: CollectorRegistry, others: list[list[Any]]) -> None:
+        self.registry = registry
+        self.others = others
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        extra: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+        kinds: dict[str, tuple[str, str, str]] = {}
+        for other in self.others:
+            for name, kind, doc, unit, samples in other:
+                kinds.setdefault(name, (kind, doc, unit))
+                family = extra.setdefault(name, {})
+                for sample, labels, value in samples:
+                    key = (sample, tuple(sorted(labels.items())))
+                    family[key] = family.get(key, 0.0) + float(value)
+        for metric in self.registry.collect():
+            added = extra.pop(metric.name, {})
+            yield _with(metric, added)
+        for name, added in extra.items():  # a family only a worker has samples of now
+            kind, doc, unit = kinds[name]
+            yield _with(Metric(name, doc, kind, unit), added)
+
+
+def _with(metric: Metric, added: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> Metric:
+    out = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+    for sample in metric.samples:
+        key = (sample.name, tuple(sorted(sample.labels.items())))
+        out.add_sample(sample.name, sample.labels, sample.value + added.pop(key, 0.0), sample.timestamp,
+                       sample.exemplar)
+    for (name, labels), value in added.items():
+        out.add_sample(name, dict(labels), value)
+    return out
 
 
 class _Scraped:

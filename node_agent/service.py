@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from core import events as ev
+from core import workers
 from core.errors import BadRequest, NotFound
 from core.events import EventHub, Listener
 from core.execspec import ExecPost
@@ -50,16 +51,20 @@ def cgroup_parent(data_dir: Path) -> str:
 
 class NodeService:
     def __init__(self, data_dir: Path, server_name: str, clustered: bool = False,
-                 driver: str = "auto", retention: float = 5.0) -> None:
+                 driver: str = "auto", retention: float = 5.0, process: int = 0,
+                 instances: InstanceManager | None = None) -> None:
+        """``process``: which of the node's front-end processes this is (0: the agent; its operation ids
+        say so, core/workers.py); ``instances``: a worker's read-only view of the agent's."""
         self.data_dir = data_dir
         self.server_name = server_name
         self.hub = EventHub()
-        self.ops = OperationRegistry("none", self._op_changed, retention, on_expire=self._op_expired)
+        self.ops = OperationRegistry("none", self._op_changed, retention, on_expire=self._op_expired,
+                                     new_id=lambda: workers.operation_id(process))
         self.clustered = False
         self.set_clustered(clustered)
         # Cluster hook (broker/cluster_link.py): directory bookkeeping of what this node owns.
         self.on_instance_deleted: Callable[[str], None] | None = None  # gets the instance's key
-        self.instances = InstanceManager(data_dir, driver=driver, cgroup_parent=cgroup_parent(data_dir))
+        self.instances = instances or InstanceManager(data_dir, driver=driver, cgroup_parent=cgroup_parent(data_dir))
         self.metrics = Metrics(self.instances, self.ops)
         self.audit = AuditLog(data_dir / "audit.jsonl")
         self.execs = Execs(self.instances, self.ops, self._lifecycle, self.metrics, self.audit,
@@ -297,9 +302,14 @@ class NodeService:
         allows = (lambda p: p == project) if project is not None else who.allows
         return await asyncio.to_thread(self.audit.tail, limit, allows)
 
-    def metrics_text(self, who: Identity) -> str:
-        """``GET /1.0/metrics`` of this member (OpenMetrics text), instances of ``who``'s projects."""
-        return self.metrics.render(who.allows if who.restricted else None).decode()
+    def metrics_text(self, who: Identity, others: list[list[Any]] | None = None) -> str:
+        """``GET /1.0/metrics`` of this member (OpenMetrics text), instances of ``who``'s projects;
+        ``others``: what this node's worker processes counted (``metrics_samples``)."""
+        return self.metrics.render(who.allows if who.restricted else None, others or []).decode()
+
+    def metrics_samples(self) -> list[Any]:
+        """This process's own counters, for its agent's ``metrics_text`` (a worker process)."""
+        return self.metrics.samples()
 
     def inventory(self) -> list[str]:
         """What this node owns, for the directory: its instance keys."""

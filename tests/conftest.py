@@ -181,11 +181,12 @@ class Endpoint:
 class Broker(Endpoint):
     proc: subprocess.Popen[str] = field(default=None)  # type: ignore[assignment]
     output: list[str] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)  # what this broker's `up` runs with beside ours
 
 
-def _start_broker(base: Path) -> Broker:
+def start_broker(base: Path, **extra_env: str) -> Broker:
     (base / "home").mkdir(parents=True)
-    broker = Broker(base=base, data_dir=base / "data")
+    broker = Broker(base=base, data_dir=base / "data", extra_env=extra_env)
     _launch(broker)
     return broker
 
@@ -194,7 +195,7 @@ def _launch(broker: Broker) -> None:
     """``execbroker up`` on the broker's data dir; returns once it serves."""
     env = {**os.environ, "EXECBROKER_DIR": str(broker.data_dir), "RAY_TMPDIR": str(broker.base / "ray"),
            "EXECBROKER_IMAGE_CACHE": str(broker.base / "images"),  # the debian image is built once per run
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", **broker.extra_env}
     proc = subprocess.Popen([str(BIN / "execbroker"), "up"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env, start_new_session=True)
     broker.proc, broker.output = proc, []
@@ -220,7 +221,7 @@ def restart_broker(broker: Broker) -> None:
     _launch(broker)
 
 
-def _stop_broker(broker: Broker) -> None:
+def stop_broker(broker: Broker) -> None:
     try:
         for inst in broker.api("GET", "/1.0/instances?recursion=1")["metadata"]:
             broker.remove(inst["name"])
@@ -240,11 +241,11 @@ def _terminate(broker: Broker) -> None:
 @pytest.fixture(scope="session")
 def broker() -> Iterator[Broker]:
     base = private_base("eb-")
-    b = _start_broker(base)
+    b = start_broker(base)
     try:
         yield b
     finally:
-        _stop_broker(b)
+        stop_broker(b)
         assert_no_leftovers(base, 30)
         shutil.rmtree(base, ignore_errors=True)
 

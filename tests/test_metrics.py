@@ -54,3 +54,36 @@ def test_lxc_info_has_real_figures(broker: Broker, c1: str) -> None:
     assert "Memory (current): " in out and "Memory (current): 0" not in out
     cpu_line = next(line for line in out.splitlines() if "CPU usage (in seconds)" in line)
     assert int(cpu_line.split(":")[1]) >= 1, out
+
+
+def test_worker_figures_add_to_the_agents() -> None:
+    """A node's worker processes count their own execs; the agent's scrape adds theirs to its own, sample
+    by sample (histogram buckets too), and never takes their instance series (the agent reads those)."""
+    import json
+
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics
+
+    from core.operations import OperationRegistry
+    from node_agent.metrics import Metrics
+
+    class NoInstances:
+        def list(self) -> list[object]:
+            return []
+
+    agent, worker = (Metrics(NoInstances(), OperationRegistry("none", lambda _op: None)) for _ in range(2))  # type: ignore[arg-type]
+    agent.execs_started.labels("task").inc(3)
+    worker.execs_started.labels("task").inc(2)
+    worker.execs_started.labels("websocket").inc()
+    worker.exec_start_seconds.observe(0.003)
+    agent.sessions.set_function(lambda: 4)
+    worker.sessions.set_function(lambda: 1)
+    shipped = json.loads(json.dumps(worker.samples()))  # as it crosses the link
+    assert not [f for f in shipped if f[0].startswith("lxd_")]
+    families = {f.name: f for f in openmetrics(agent.render(None, [shipped]).decode())}
+    started = {s.labels["mode"]: s.value for s in families["execbroker_execs_started"].samples
+               if s.name.endswith("_total")}
+    assert started == {"task": 5.0, "websocket": 1.0}
+    assert [s.value for s in families["execbroker_exec_sessions"].samples] == [5.0]
+    buckets = {s.labels["le"]: s.value for s in families["execbroker_exec_start_seconds"].samples
+               if s.name.endswith("_bucket")}
+    assert (buckets["0.002"], buckets["0.005"], buckets["+Inf"]) == (0.0, 1.0, 1.0)

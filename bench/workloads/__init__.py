@@ -15,10 +15,12 @@ from bench.workloads import (
     sessions,
     startup,
     throughput,
+    workers,
 )
 
-# startup and cluster are special: startup's baseline runs before the broker starts, cluster after it stops.
+# startup, workers and cluster are special: startup's baseline runs before the broker starts; workers and
+# cluster start brokers of their own after it stopped (one at a time).
 WORKLOADS = [exec_latency, lxc_exec, lxc_https, throughput, keystroke, sessions, exec_rate, instances, files,
-             detach, fuzz, startup, cluster]
+             detach, fuzz, startup, workers, cluster]
 NAMES = [w.NAME for w in WORKLOADS]
 DEFAULT = [w.NAME for w in WORKLOADS if not getattr(w, "OPT_IN", False)]  # what a run without --only runs
