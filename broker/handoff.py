@@ -12,8 +12,13 @@ from __future__ import annotations
 import array
 import asyncio
 import logging
+import mmap
+import os
 import socket
+import struct
 from collections.abc import Callable
+
+from core.workers import MAX_WORKERS
 
 log = logging.getLogger(__name__)
 MAX_HANDED = 64 << 10  # bytes already read that may go with a connection (more: served where it landed)
@@ -105,3 +110,32 @@ class Receiver:
             self._loop.remove_reader(self.channel.fileno())
             self.channel.close()
             self._on_closed()
+
+
+class Loads:
+    """The work each process of the node has in hand (its live operations: least outstanding work wins,
+    idle kept-alive connections weigh nothing): one slot per process in a memfd
+    every process maps (the agent makes it and passes it to its workers), each writing only its own slot,
+    read by all when a new connection decides where it goes (core/workers.py ``lighter``)."""
+
+    _SLOT = struct.Struct("q")
+
+    def __init__(self, fd: int | None = None) -> None:
+        if fd is None:
+            fd = os.memfd_create("execbroker-loads", os.MFD_CLOEXEC)
+            os.ftruncate(fd, MAX_WORKERS * self._SLOT.size)
+        self.fd = fd
+        self._map = mmap.mmap(fd, MAX_WORKERS * self._SLOT.size)
+
+    def set(self, process: int, load: int) -> None:
+        self._SLOT.pack_into(self._map, process * self._SLOT.size, load)
+
+    def add(self, process: int, n: int) -> None:
+        """A guess until ``process`` writes its own count again (a connection just handed to it)."""
+        self.set(process, self.get(process) + n)
+
+    def get(self, process: int) -> int:
+        return int(self._SLOT.unpack_from(self._map, process * self._SLOT.size)[0])
+
+    def all(self, processes: int) -> list[int]:
+        return [self.get(i) for i in range(processes)]

@@ -68,7 +68,8 @@ class _Worker:
 
 class WorkerPool:
     def __init__(self, processes: int, listener: socket.socket, frontend: Frontend, adopt: handoff.Adopt,
-                 publish: Publish, config: Callable[[], dict[str, Any]], env: dict[str, str] | None = None) -> None:
+                 publish: Publish, config: Callable[[], dict[str, Any]], env: dict[str, str] | None = None,
+                 loads: handoff.Loads | None = None) -> None:
         if not 1 <= processes <= workers.MAX_WORKERS:
             raise ValueError(f"workers must be 1..{workers.MAX_WORKERS}, not {processes}")
         self.processes = processes
@@ -78,6 +79,7 @@ class WorkerPool:
         self.publish = publish
         self._config = config  # what each worker is told at start and on change (configure)
         self._env = env
+        self.loads = loads or handoff.Loads()  # each process's connections, shared with the workers
         self._workers: dict[int, _Worker] = {}
         self._watches: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -89,7 +91,7 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         channel, their_channel = handoff.pair()
-        fds = (self._listener.fileno(), theirs.fileno(), their_channel.fileno())
+        fds = (self._listener.fileno(), theirs.fileno(), their_channel.fileno(), self.loads.fd)
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "node_agent.worker", str(index), str(self.processes), *map(str, fds),
@@ -167,9 +169,14 @@ class WorkerPool:
         return await self._workers[index].link.open_stream(
             {"op": op_id, "secret": secret, "identity": who.to_wire(), "offset": offset})
 
-    def hand(self, index: int, transport: asyncio.BaseTransport, data: bytes) -> bool:
+    def hand(self, index: int, transport: asyncio.BaseTransport, data: bytes, flags: int = 0) -> bool:
         worker = self._workers.get(index)
-        return worker is not None and handoff.hand(worker.channel, transport, data)
+        return worker is not None and handoff.hand(worker.channel, transport, data, flags)
+
+    @property
+    def live(self) -> list[int]:
+        """The processes that take connections now: the agent and its live workers."""
+        return [0, *sorted(self._workers)]
 
     def hand_socket(self, index: int, sock: socket.socket, data: bytes) -> bool:
         worker = self._workers.get(index)

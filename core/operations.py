@@ -145,6 +145,11 @@ class OperationRegistry:
         self.max_per_requestor: int | None = None  # live operations one requestor may have
         self._live: dict[tuple[str, str], int] = {}  # requestor -> its live (not final) operations
 
+    @property
+    def live(self) -> int:
+        """Operations not finished yet (the work this process has in hand)."""
+        return sum(self._live.values())
+
     def create(
         self,
         cls: OpClass,

@@ -61,7 +61,21 @@ def first_request_owner(target: bytes, me: int, processes: int) -> int | None:
     return None
 
 
+def is_events(target: bytes) -> bool:
+    return _EVENTS.match(target) is not None
+
+
 def operation_in(path: str) -> str | None:
     """The operation id of a ``/1.0/operations/{id}[/...]`` path."""
     found = _OPERATION.match(path.encode())
     return found.group(1).decode() if found is not None else None
+
+
+def lighter(me: int, loads: list[int], candidates: list[int]) -> int | None:
+    """The process a new connection should go to instead of ``me`` (None: keep it): the least loaded of
+    ``candidates``, when it has at least two operations fewer in hand than we do (so work spreads, and a
+    balanced node hands nothing)."""
+    best = min(candidates, key=lambda p: loads[p], default=None)
+    if best is None or best == me or loads[best] + 2 > loads[me]:
+        return None
+    return best

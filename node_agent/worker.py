@@ -1,5 +1,5 @@
 """A worker process of a node's front end (broker/workers.py starts it: ``python -m node_agent.worker
-INDEX PROCESSES LISTENER LINK CHANNEL``, the last three inherited fds).
+INDEX PROCESSES LISTENER LINK CHANNEL LOADS``, the last four inherited fds).
 
 It accepts on the node's unix socket beside the agent and serves the exec path itself: an exec on one of
 the node's instances (in the default project; others need the projects the agent keeps), and its own
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ from node_agent.service import NodeService, cgroup_parent
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
+LOAD_PERIOD = 0.25  # seconds between updates of this process's load
 EXEC_PREFIX, EXEC_SUFFIX = "/1.0/instances/", "/exec"
 
 
@@ -62,7 +64,7 @@ class _AgentCalls(LinkService):
 
 class Worker:
     def __init__(self, index: int, processes: int, listener: socket.socket, link: socket.socket,
-                 channel: socket.socket) -> None:
+                 channel: socket.socket, loads: handoff.Loads) -> None:
         env = os.environ
         self.index, self.processes = index, processes
         self.data_dir = Path(env.get("EXECBROKER_DIR", "/var/lib/execbroker"))
@@ -77,7 +79,7 @@ class Worker:
         self.server.app = create_app(self.frontend, admin_group=group,
                                      to_agent=(self.data_dir / WORKER_SOCKET, self._serves_here))
         self.server.route = self._route
-        self._link_sock, self._channel = link, channel
+        self._link_sock, self._channel, self._loads = link, channel, loads
         self._outbox = EventOutbox()
         self._flush_scheduled = False
         self._events: list[tuple[str, dict[str, Any], str]] = []
@@ -106,8 +108,24 @@ class Worker:
             return False
         owner = workers.first_request_owner(target, self.index, self.processes)
         if owner is None and op_id is None:
-            return False
+            return self._balance(transport, data)
         return handoff.hand(self._channel, transport, data, handoff.STAY if owner is None else 0)
+
+    def _balance(self, transport: asyncio.BaseTransport, data: bytes) -> bool:
+        """A connection that may be served anywhere goes to the agent when it has less work in hand than we do (the
+        agent spreads its own among the workers)."""
+        self._loads.set(self.index, self.service.ops.live)
+        if workers.lighter(self.index, self._loads.all(self.processes), [0, self.index]) is None:
+            return False
+        if not handoff.hand(self._channel, transport, data, handoff.STAY):
+            return False
+        self._loads.add(0, 1)
+        return True
+
+    async def _publish_load(self) -> None:
+        while True:
+            self._loads.set(self.index, self.service.ops.live)
+            await asyncio.sleep(LOAD_PERIOD)
 
     def _adopt(self, sock: socket.socket, data: bytes, _flags: int) -> None:
         """A connection the agent handed over: one of our operations, unless we no longer run it (then
@@ -157,15 +175,18 @@ class Worker:
             loop.add_signal_handler(sig, stop.set)
         self.service.hub.observers.append(self._event)
         await self.server.start()
+        gc.freeze()  # what start-up made lives as long as we do: no collection scans it again
         receiver = handoff.Receiver(self._channel, self._adopt, on_closed=stop.set)
         self.agent = MuxConnection(_AgentCalls(self), dialer=False, peer="agent", on_lost=lambda _c: stop.set())
         await loop.connect_accepted_socket(lambda: self.agent, self._link_sock)  # type: ignore[arg-type,return-value]
         self.frontend.workers = AgentOps(self.agent)
         sender = loop.create_task(self._send_events())
+        counter = loop.create_task(self._publish_load())
         try:
             await stop.wait()
         finally:
             sender.cancel()
+            counter.cancel()
             receiver.close()
             await self.server.stop()
             await self.service.close()
@@ -183,11 +204,11 @@ def _die_with_parent() -> None:
 def main(argv: list[str]) -> None:
     _die_with_parent()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    index, processes, listener, link, channel = (int(a) for a in argv[:5])
+    index, processes, listener, link, channel, loads = (int(a) for a in argv[:6])
     socks = [socket.socket(fileno=fd) for fd in (listener, link, channel)]
     for sock in socks:
         sock.setblocking(False)
-    asyncio.run(Worker(index, processes, *socks).serve())
+    asyncio.run(Worker(index, processes, *socks, handoff.Loads(loads)).serve())
 
 
 if __name__ == "__main__":

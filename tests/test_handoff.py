@@ -4,6 +4,7 @@ a first request belongs to, and the socket itself passed with what was already r
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import uuid
 
@@ -91,3 +92,21 @@ async def test_nothing_is_handed_when_the_receiver_is_gone() -> None:
     finally:
         b.close()
         ours.close()
+
+
+def test_new_connections_spread_by_the_connections_each_process_holds() -> None:
+    loads = handoff.Loads()
+    try:
+        for process, held in enumerate((5, 3, 9)):
+            loads.set(process, held)
+        assert workers.lighter(2, loads.all(3), [0, 1, 2]) == 1
+        assert workers.lighter(0, loads.all(3), [0, 1, 2]) == 1
+        assert workers.lighter(1, loads.all(3), [0, 1, 2]) is None  # already the lightest
+        loads.set(1, 4)
+        assert workers.lighter(0, loads.all(3), [0, 1]) is None  # one apart: balanced enough
+        assert workers.lighter(2, loads.all(3), [0, 2]) == 0  # only live processes are candidates
+        shared = handoff.Loads(os.dup(loads.fd))  # what a worker maps from the fd it inherited
+        shared.add(0, 2)
+        assert loads.get(0) == 7
+    finally:
+        os.close(loads.fd)
