@@ -13,21 +13,15 @@ from pathlib import Path
 import pytest
 
 from cluster_tests.conftest import Cluster, _members_online
+from bench.harness import children
 from tests.conftest import wait_for
 
 
 def _ray_start_child(up_pid: int) -> int:
     """The head's `ray start` child: its process group holds the GCS, the raylet and their workers."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmd = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat[1]) == up_pid and b"ray\0start" in cmd.replace(b"/ray\0", b"ray\0"):
-            return int(entry.name)
+    for pid, cmd in children(up_pid):
+        if b"ray\0start" in cmd.replace(b"/ray\0", b"ray\0"):
+            return pid
     raise AssertionError(f"no `ray start` child of {up_pid}")
 
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from bench.context import Context
-from bench.harness import BrokerProcess, Row, cpu_seconds, delete_instances, ratio
+from bench.harness import BrokerProcess, Row, children, cpu_seconds, delete_instances, ratio
 from bench.wire import Api, run_exec
 from bench.workloads.exec_rate import CONCURRENCY
 
@@ -24,18 +23,7 @@ BUDGET = {"quick": 200, "full": 300}
 
 
 def _worker_pids(agent: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmd = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat[1]) == agent and b"node_agent.worker" in cmd:
-            found.append(int(entry.name))
-    return sorted(found)
+    return sorted(pid for pid, cmd in children(agent) if b"node_agent.worker" in cmd)
 
 
 async def _saturate(api: Api, mode: str, seconds: float) -> dict[str, Any]:
