@@ -442,9 +442,7 @@ class Frontend:
             if worker is not None:
                 assert self.workers is not None
                 reply = await self.workers.call_raw(worker, method, args)
-                if method == "has_operation" and reply.get("ok") is False:
-                    return await rpc.serve(self.local, method, args)
-                if reply.get("error", [0])[0] != 404:
+                if reply.get("error", [0])[0] != 404:  # else another member's id that looks like ours
                     return reply
         return await rpc.serve(self.local, method, args)
 

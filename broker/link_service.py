@@ -8,14 +8,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from broker.relay import relay
+from broker import rpc
 from broker.frontend import WORKER_ADDRESS, Frontend
 from broker.mux import MuxStream
-from core.errors import BadRequest
-from core.identity import Identity
+from broker.relay import relay
 
 
 class LinkService:
+    PEER = "cluster member "  # how a malformed request names who sent it
     def __init__(self, frontend: Frontend) -> None:
         self.frontend = frontend
 
@@ -24,6 +24,11 @@ class LinkService:
             await self.frontend.link.note_peer(peer)
         return await self.frontend.serve_call(method, args)
 
+    async def _owner(self, op_id: str) -> str:
+        """Where a stream for ``op_id`` goes when not to a session here: a worker process of ours."""
+        worker = self.frontend.worker_of(op_id)
+        return f"{WORKER_ADDRESS}{worker}" if worker is not None else ""
+
     def events(self, peer: str, batch: Any) -> None:
         if not isinstance(batch, list):
             raise TypeError("events: a batch is a list")
@@ -31,14 +36,10 @@ class LinkService:
 
     async def open(self, peer: str, request: dict[str, Any], stream: MuxStream,
                    accept: Callable[[], None]) -> None:
-        op_id, secret, offset = request.get("op"), request.get("secret"), request.get("offset")
-        if not isinstance(op_id, str) or not isinstance(secret, str) or not (
-                offset is None or (isinstance(offset, int) and offset >= 0)):
-            raise BadRequest(f"malformed socket request from cluster member {peer}")
-        who = Identity.from_wire(request.get("identity") or {})
-        worker = self.frontend.worker_of(op_id)
-        if worker is not None:  # a worker process of ours runs it: relayed on to its link
-            upstream = await self.frontend.dial_owner(f"{WORKER_ADDRESS}{worker}", op_id, secret, who, offset)
+        op_id, secret, who, offset = rpc.read_socket_request(request, f"{self.PEER}{peer}")
+        owner = await self._owner(op_id)
+        if owner:  # another process runs it: relayed on to its link
+            upstream = await self.frontend.dial_owner(owner, op_id, secret, who, offset)
             accept()
             await relay(stream, upstream)
             return

@@ -189,7 +189,7 @@ class MemberLink:
         """The owner's exec websocket, opened on ``who``'s behalf as a stream of the link; its refusal
         comes back as the same error."""
         conn = await self.link(member, address)
-        return await conn.open_stream({"op": op_id, "secret": secret, "identity": who.to_wire(), "offset": offset})
+        return await conn.open_stream(rpc.socket_request(op_id, secret, who, offset))
 
     async def forget(self, address: str) -> None:
         """Drop what leads to ``address`` (a member that moved or was lost): its link is cut at once, so

@@ -76,3 +76,17 @@ def result(reply: Any) -> Any:
         status, message = reply["error"]
         raise errors.from_status(str(message), int(status))
     return decode(reply.get("ok"))
+
+
+def socket_request(op_id: str, secret: str, who: Identity, offset: int | None) -> dict[str, Any]:
+    """What opens an exec websocket of another process's (a member's, a worker's) as a link stream."""
+    return {"op": op_id, "secret": secret, "identity": who.to_wire(), "offset": offset}
+
+
+def read_socket_request(request: dict[str, Any], peer: str) -> tuple[str, str, Identity, int | None]:
+    """``socket_request``'s fields, checked (a malformed one is a BadRequest naming ``peer``)."""
+    op_id, secret, offset = request.get("op"), request.get("secret"), request.get("offset")
+    if not isinstance(op_id, str) or not isinstance(secret, str) or not (
+            offset is None or (isinstance(offset, int) and offset >= 0)):
+        raise BadRequest(f"malformed socket request from {peer}")
+    return op_id, secret, Identity.from_wire(request.get("identity") or {}), offset

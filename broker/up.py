@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     # Ray reads RAY_AUTH_MODE when it is imported: import it only now.
     import ray
 
-    from broker.cluster_link import NAMESPACE, agent_name
+    from broker.cluster_link import NAMESPACE
     from broker.raynode import RayNode
 
     started = time.monotonic()

@@ -28,9 +28,7 @@ from broker import handoff, rpc
 from broker.frontend import Frontend
 from broker.link_service import LinkService
 from broker.mux import MuxConnection, MuxStream
-from broker.relay import relay
 from core import workers
-from core.errors import BadRequest
 from core.identity import Identity
 
 log = logging.getLogger(__name__)
@@ -166,8 +164,7 @@ class WorkerPool:
         return [f for f in found if not isinstance(f, BaseException)]
 
     async def open(self, index: int, op_id: str, secret: str, who: Identity, offset: int | None) -> MuxStream:
-        return await self._workers[index].link.open_stream(
-            {"op": op_id, "secret": secret, "identity": who.to_wire(), "offset": offset})
+        return await self._workers[index].link.open_stream(rpc.socket_request(op_id, secret, who, offset))
 
     def hand(self, index: int, transport: asyncio.BaseTransport, data: bytes, flags: int = 0) -> bool:
         worker = self._workers.get(index)
@@ -181,10 +178,6 @@ class WorkerPool:
     def hand_socket(self, index: int, sock: socket.socket, data: bytes) -> bool:
         worker = self._workers.get(index)
         return worker is not None and handoff.hand_socket(worker.channel, sock, data)
-
-    @property
-    def pids(self) -> list[int]:
-        return [w.process.pid for w in self._workers.values()]
 
     async def stop(self) -> None:
         self._stopping = True
@@ -210,6 +203,8 @@ class _FromWorker(LinkService):
     and its event batches (published on the agent's hub, as events of this member, so listeners and the
     other members get them)."""
 
+    PEER = ""  # "worker N"
+
     def __init__(self, pool: WorkerPool, frontend: Frontend) -> None:
         super().__init__(frontend)
         self._pool = pool
@@ -232,18 +227,9 @@ class _FromWorker(LinkService):
                     running.pop(metadata["id"], None)
             self._pool.publish(event_type, metadata, project)
 
-    async def open(self, peer: str, request: dict[str, Any], stream: MuxStream, accept: Callable[[], None]) -> None:
-        op_id, secret, offset = request.get("op"), request.get("secret"), request.get("offset")
-        if not isinstance(op_id, str) or not isinstance(secret, str) or not (
-                offset is None or (isinstance(offset, int) and offset >= 0)):
-            raise BadRequest(f"malformed socket request from {peer}")
-        who = Identity.from_wire(request.get("identity") or {})
-        owner = await self.frontend.websocket_owner(op_id)
-        if not owner:
-            return await super().open(peer, request, stream, accept)
-        upstream = await self.frontend.dial_owner(owner, op_id, secret, who, offset)
-        accept()
-        await relay(stream, upstream)
+    async def _owner(self, op_id: str) -> str:
+        """A worker's client may name any operation: the agent's front end finds where it runs."""
+        return await self.frontend.websocket_owner(op_id)
 
 
 class AgentOps:
@@ -263,5 +249,4 @@ class AgentOps:
         return []  # a worker's lists are the agent's (api/proxy.py)
 
     async def open(self, index: int, op_id: str, secret: str, who: Identity, offset: int | None) -> MuxStream:
-        return await self._link.open_stream({"op": op_id, "secret": secret, "identity": who.to_wire(),
-                                             "offset": offset})
+        return await self._link.open_stream(rpc.socket_request(op_id, secret, who, offset))
