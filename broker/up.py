@@ -41,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"execbroker: invalid node name {name!r}", file=sys.stderr)
         return 2
     clustered = bool(address) or bool(getattr(args, "cluster", False))
-    processes = getattr(args, "workers", None) or int(os.environ.get("EXECBROKER_WORKERS") or 1)
+    asked = getattr(args, "workers", None)
+    from_env = os.environ.get("EXECBROKER_WORKERS") or "1"
+    processes = asked if asked is not None else (int(from_env) if from_env.isdigit() else 0)
     if not 1 <= processes <= MAX_WORKERS:
         print(f"execbroker: --workers must be 1..{MAX_WORKERS}", file=sys.stderr)
         return 2
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         "EXECBROKER_NODE_NAME": name,
         "EXECBROKER_CLUSTERED": "1" if clustered else "",
         "EXECBROKER_HTTPS": getattr(args, "https", None) or os.environ.get("EXECBROKER_HTTPS", ""),
-        "EXECBROKER_WORKERS": str(getattr(args, "workers", None) or os.environ.get("EXECBROKER_WORKERS") or 1),
+        "EXECBROKER_WORKERS": str(processes),
         "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
     }
     os.environ.update(env)

@@ -296,3 +296,12 @@ async def test_metrics_count_every_process(node: Broker) -> None:
     before = await started()
     ran = await execs_until_both(raw, lambda: _task(raw))
     assert await started() - before == sum(map(len, ran.values()))
+
+
+@pytest.mark.parametrize(("flag", "env"), [("0", ""), ("65", ""), ("", "two"), ("", "65")])
+def test_workers_out_of_bounds_is_refused_before_anything_starts(flag: str, env: str, tmp_path: Path) -> None:
+    r = subprocess.run([_venv_python(), "-m", "client.cli", "up", *(["--workers", flag] if flag else []),
+                        "--dir", str(tmp_path / "d")], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[1], env={**os.environ, "EXECBROKER_WORKERS": env})
+    assert (r.returncode, r.stderr.strip()) == (2, "execbroker: --workers must be 1..64"), r.stderr
+    assert not list(tmp_path.glob("d/ray*"))
