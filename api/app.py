@@ -17,7 +17,8 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from api import envelope
-from api.auth import Authenticate
+from api.auth import Authenticate, Identify
+from api.fastpath import FastPath, ServesHere
 from api.limits import MAX_BODY, BodyLimit
 from api.proxy import ToAgent
 from api.routes import (
@@ -90,3 +91,11 @@ def create_app(backend: Frontend, trust: Callable[[str], Certificate | None] = l
     operations.register(app, backend)
     events.register(app, backend)
     return app
+
+
+def create_fast_path(backend: Frontend, trust: Callable[[str], Certificate | None] = lambda _fp: None,
+                     admin_group: int | None = None, max_body: int = MAX_BODY,
+                     serves_here: ServesHere | None = None) -> FastPath:
+    """The exec hot path beside ``create_app``'s app (the same caller rules, body bound and, in a
+    worker process, the same choice of what it serves itself)."""
+    return FastPath(backend, Identify(trust, admin_group), max_body, serves_here=serves_here)

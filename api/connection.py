@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from cryptography import x509
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from api import envelope
+from api.fastpath import FastCycle, FastPath
 from api.tls import TLSConnection, TLSTransport
 from core import workers
 
@@ -38,6 +39,7 @@ REQUEST_TIMEOUT = 5.0  # seconds from connect (or a request's first byte) to its
 CLOSE_GRACE = 30.0  # seconds a closed websocket's client has to read what was sent before the close frame
 CLOSE_NOW = "execbroker.close_now"  # scope extension: close the websocket at once (close_now)
 SO_PEERGROUPS = 59
+_default_headers: list[object] = [None, b""]  # the server state's header list, and it as bytes
 _UCRED = struct.Struct("3i")
 
 
@@ -94,10 +96,11 @@ class EdgeHttpProtocol(HttpToolsProtocol):
     state, a connection cap, and a deadline and a size bound for each request's line and headers."""
 
     def __init__(self, *, listener: Listener, limits: Limits, route: Route | None = None, preface: bytes = b"",
-                 **kwargs: Any) -> None:
+                 fast: FastPath | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.listener = listener
         self.limits = limits
+        self.fast = fast  # the exec hot path (api/fastpath.py), served here without the ASGI stack
         self._route = route  # may hand the connection to another process on its first request line
         self._sniffed = b""  # what was read of the first request while its line was incomplete
         self._preface = preface  # what another process read of this connection before handing it over
@@ -174,11 +177,52 @@ class EdgeHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         self._in_headers = False
+        if (self.fast is not None and (self.cycle is None or self.cycle.response_complete)
+                and not self.parser.should_upgrade()):
+            method = self.parser.get_method()
+            self.scope["method"] = method.decode("ascii")
+            cycle = self.fast.take(self, method, self.url,
+                                   self.parser.get_http_version() == "1.1" and self.parser.should_keep_alive())
+            if cycle is not None:
+                self.cycle = cycle  # type: ignore[assignment]
+                return
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        if isinstance(self.cycle, FastCycle):
+            self.cycle.feed(body)
+        else:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
-        super().on_message_complete()
+        if isinstance(self.cycle, FastCycle):
+            self.cycle.complete()
+        else:
+            super().on_message_complete()
         self._in_headers, self._header_bytes, self._tail = True, 0, b""  # the next request's
+
+    def handle_websocket_upgrade(self) -> None:
+        if self.fast is None or not self.fast.upgrade(self, self.url):
+            super().handle_websocket_upgrade()
+
+    # -- what the fast path writes with --------------------------------------------------------------------
+    def header(self, name: bytes) -> bytes | None:
+        """The current request's header ``name`` (lower case), the first of them."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    @staticmethod
+    def status_line(status: int) -> bytes:
+        return STATUS_LINE[status]
+
+    def default_headers(self) -> bytes:
+        """uvicorn's ``date`` and ``server`` headers (a new list each second), as bytes."""
+        current = self.server_state.default_headers
+        if _default_headers[0] is not current:
+            _default_headers[:] = [current, b"".join(b"%s: %s\r\n" % pair for pair in current)]
+        return _default_headers[1]  # type: ignore[return-value]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -294,25 +338,27 @@ class ClientConnections:
         for transport in list(self._by_fingerprint.pop(fingerprint, ())):
             if transport.is_closing():
                 continue
-            protocol = transport.get_protocol()
-            if isinstance(protocol, EdgeWebSocketProtocol):
-                protocol.revoke(reason)
+            revoke = getattr(transport.get_protocol(), "revoke", None)  # a websocket (either kind)
+            if revoke is not None:
+                revoke(reason)
             else:
                 transport.close()
             cut += 1
         return cut
 
 
-def http_protocol(listener: Listener, limits: Limits, route: Route | None = None) -> Callable[..., EdgeHttpProtocol]:
+def http_protocol(listener: Listener, limits: Limits, route: Route | None = None,
+                  fast: FastPath | None = None) -> Callable[..., EdgeHttpProtocol]:
     """A protocol factory for uvicorn (which calls it with its own keyword arguments)."""
-    return functools.partial(EdgeHttpProtocol, listener=listener, limits=limits, route=route)
+    return functools.partial(EdgeHttpProtocol, listener=listener, limits=limits, route=route, fast=fast)
 
 
 def tls_http_protocol(listener: Listener, limits: Limits, context: Callable[[], Any],
-                      accept: Callable[[str, TLSTransport], bool]) -> Callable[..., TLSConnection]:
+                      accept: Callable[[str, TLSTransport], bool],
+                      fast: FastPath | None = None) -> Callable[..., TLSConnection]:
     """A protocol factory for uvicorn: TLS (``context()`` is read per connection, so a new certificate
     applies at once) around the edge HTTP protocol; ``accept(fingerprint, transport)`` vets the client."""
-    inner = http_protocol(listener, limits)
+    inner = http_protocol(listener, limits, fast=fast)
 
     def factory(**kwargs: Any) -> TLSConnection:
         return TLSConnection(context(), inner(**kwargs), accept, limits.request_timeout)

@@ -22,6 +22,7 @@ from websockets.asyncio.client import ClientConnection, unix_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from api import envelope
+from api.wsconn import MAX_MESSAGE as WS_MAX_MESSAGE
 from core.aio import first_of
 from core.identity import FORWARDED_HEADER, Identity
 
@@ -30,7 +31,6 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te
 WS_HANDSHAKE = frozenset({b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
                           b"sec-websocket-accept"})
 CONNECT_TIMEOUT = 5.0
-WS_MAX_MESSAGE = 16 << 20  # as the listener's own bound (api/server.py)
 
 
 class ToAgent:

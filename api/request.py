@@ -4,12 +4,14 @@ names, recursion, a JSON body."""
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request, WebSocket
 
 from core import projects
-from core.errors import BadRequest, Forbidden, NotFound
+from core.errors import ApiError, BadRequest, Forbidden, NotFound
 from core.identity import Identity
 
 if TYPE_CHECKING:
@@ -33,21 +35,26 @@ def trusted(conn: Request | WebSocket) -> bool:
 def project_of(conn: Request | WebSocket, backend: Frontend, allow_all: bool = False) -> str | None:
     """The project a request names (``?project=``, default ``default``), checked against the caller;
     None for ``all-projects``, which only unrestricted callers may ask for."""
-    q = conn.query_params
-    if q.get("all-projects", "").lower() in ("1", "true"):
+    return project_in(conn.query_params, lambda: identity(conn), backend, allow_all)
+
+
+def project_in(query: Mapping[str, str], who: Callable[[], Identity], backend: Frontend,
+               allow_all: bool = False) -> str | None:
+    """``project_of`` for a request's query parameters and its caller (asked only when it matters)."""
+    if query.get("all-projects", "").lower() in ("1", "true"):
         if not allow_all:
             raise BadRequest("all-projects is not supported here")
-        if q.get("project"):
+        if query.get("project"):
             raise BadRequest("Cannot specify a project when requesting all projects")
-        if identity(conn).restricted:
+        if who().restricted:
             raise Forbidden("Certificate is restricted")
         return None
-    name = q.get("project") or projects.DEFAULT
+    name = query.get("project") or projects.DEFAULT
     if backend.admin is None:
         if name != projects.DEFAULT:
             raise NotFound("Project not found")
         return name
-    return backend.admin.check_project(identity(conn), name)
+    return backend.admin.check_project(who(), name)
 
 
 def project(conn: Request | WebSocket, backend: Frontend) -> str:
@@ -74,3 +81,26 @@ async def json_body(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequest("Request body must be a JSON object")
     return body
+
+
+_GO_INT = re.compile(r"[+-]?[0-9]+")
+
+
+def atoi(raw: str) -> int:
+    """``?timeout=`` of ``/wait`` as Incus parses it, with Go's ``strconv.Atoi``: an optional sign and ASCII
+    digits, in int64; anything else is the 500 Incus answers (spec §4.3). Python's int() would take "1_0",
+    " 1" or Arabic digits, and 400 digits would overflow the float the wait takes."""
+    if not _GO_INT.fullmatch(raw):
+        raise ApiError(f'strconv.Atoi: parsing "{raw}": invalid syntax', 500)
+    if len(raw.lstrip("+-").lstrip("0")) > 19 or not -(2**63) <= int(raw) < 2**63:
+        raise ApiError(f'strconv.Atoi: parsing "{raw}": value out of range', 500)
+    return int(raw)
+
+
+def offset(raw: str | None) -> int | None:
+    """``?offset=N`` of a reattach to a detachable exec's websocket (extension exec_detach)."""
+    if raw is None:
+        return None
+    if not raw.isdigit() or len(raw) > 20:
+        raise BadRequest(f"Invalid offset {raw[:40]!r}")
+    return int(raw)

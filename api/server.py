@@ -26,13 +26,20 @@ import uvicorn
 from fastapi import FastAPI
 from OpenSSL import SSL
 
-from api.connection import EdgeWebSocketProtocol, Limits, Route, http_protocol, tls_http_protocol
+from api.connection import (
+    EdgeWebSocketProtocol,
+    Limits,
+    Route,
+    http_protocol,
+    tls_http_protocol,
+)
+from api.fastpath import FastPath
 from api.tls import TLSTransport, server_context
+from api.wsconn import MAX_MESSAGE as WS_MAX_MESSAGE
 from core.errors import BadRequest
 
 log = logging.getLogger(__name__)
 LINK_ALPN = b"execbroker-link/1"  # broker/mux.py's persistent member link (api/ may not import broker/)
-WS_MAX_MESSAGE = 16 << 20  # a websocket message larger than this closes the socket (1009)
 
 
 def bind_unix(path: Path, group: int | None) -> socket.socket:
@@ -162,6 +169,7 @@ class ApiServer:
     def __init__(self, path: Path, group: int | None, limits: Limits | None = None,
                  unix_sock: socket.socket | None = None) -> None:
         self.app: FastAPI | None = None
+        self.fast: FastPath | None = None  # the exec hot path every listener serves (api/fastpath.py)
         self.path = path
         self.limits = limits or Limits()
         self._owns_path = unix_sock is None  # a worker serves the socket its agent bound
@@ -182,7 +190,7 @@ class ApiServer:
         return self.app
 
     async def start(self) -> None:
-        self._unix = _Running(self._app(), self._unix_sock, http_protocol("unix", self.limits, self.route))
+        self._unix = _Running(self._app(), self._unix_sock, http_protocol("unix", self.limits, self.route, self.fast))
         await self._unix.start()
 
     @property
@@ -198,7 +206,7 @@ class ApiServer:
 
     async def start_workers(self, path: Path) -> None:
         """The socket this node's worker processes send what they do not serve to (our uid only)."""
-        self._workers = _Running(self._app(), bind_unix(path, None), http_protocol("worker", self.limits))
+        self._workers = _Running(self._app(), bind_unix(path, None), http_protocol("worker", self.limits, fast=self.fast))
         self._workers_path = path
         await self._workers.start()
 
@@ -212,7 +220,7 @@ class ApiServer:
         assert self._tls_context is not None, "set_certificate first"
         self._member = _Running(self._app(), bind_tcp(f"{host}:0"),
                                 tls_http_protocol("member", self.limits, lambda: self._member_context,
-                                                  self._accept_member))
+                                                  self._accept_member, self.fast))
         await self._member.start()
 
     def _accept_member(self, fingerprint: str, transport: TLSTransport) -> bool:
@@ -243,7 +251,7 @@ class ApiServer:
             except OSError as exc:
                 raise BadRequest(f"cannot listen on {address}: {exc.strerror}") from None
             new = _Running(self._app(), sock, tls_http_protocol("https", self.limits, lambda: self._tls_context,
-                                                             self._accept_client))
+                                                             self._accept_client, self.fast))
             await new.start()
         old, self._https = self._https, new
         if old is not None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import ray
 
-from api.app import create_app
+from api.app import create_app, create_fast_path
 from api.auth import admin_gid
 from api.connection import ClientConnections, Limits
 from api.server import ApiServer
@@ -124,6 +124,7 @@ class NodeAgent:
                       project_in_use=self.frontend.projects_in_use, on_https_address=app_server.set_https)
         self.frontend.admin = admin
         app_server.app = create_app(self.frontend, state.records.certificate, group)
+        app_server.fast = create_fast_path(self.frontend, state.records.certificate, group)
         app_server.set_certificate(cert.cert_pem, cert.key_pem, cert.fingerprint)
         app_server.on_https_client = self.connections.add
         self.state, self.server = state, app_server

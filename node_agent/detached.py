@@ -18,8 +18,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from core import aio
 from core.aio import first_of
-from core.channel import Channel
+from core.channel import Channel, ChannelClosed
 from core.errors import ApiError, BadRequest, Forbidden, SpawnError
 from core.execspec import (
     CONTROL,
@@ -31,13 +32,45 @@ from core.replay import ReplayBuffer, capacity_of
 from core.session_state import SessionState
 from node_agent.asciicast import Recorder
 from node_agent.deadline import Deadline
-from node_agent.fdio import CHUNK, OutputReader, close_quietly, make_pipe, set_nonblocking, write_fully
+from node_agent.fdio import (
+    CHUNK,
+    OutputReader,
+    close_quietly,
+    make_pipe,
+    set_nonblocking,
+    write_fully,
+)
 from node_agent.runtime.spawn import Process
-from node_agent.session import SessionIO, SpawnFn, _ignore, _Socket
+from node_agent.session import SessionIO, SpawnFn, _ignore
 
 log = logging.getLogger(__name__)
 
 DELIVERY_GRACE = 5.0  # after the command ended: how long attached clients get to read what is left
+
+
+class _Socket:
+    """An attached websocket: its channel and the event its route handler waits on."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.done = asyncio.Event()
+        self.broken = False
+
+    async def send(self, data: bytes | str) -> None:
+        if self.broken:
+            return
+        try:
+            if isinstance(data, str):
+                await self.channel.send_text(data)
+            else:
+                await self.channel.send_bytes(data)
+        except ChannelClosed:
+            self.broken = True
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.channel.close()
+        self.done.set()
 
 
 class DetachedSession(SessionIO):
@@ -111,6 +144,10 @@ class DetachedSession(SessionIO):
 
     def release(self, fd: str) -> None:
         self._claims.pop(fd, None)
+
+    def connect(self, fd: str, channel: Channel) -> asyncio.Future[None]:
+        """``attach`` as a task: done when the socket is."""
+        return aio.start(self.attach(fd, channel))
 
     async def attach(self, fd: str, channel: Channel) -> None:
         """Serve one attached websocket until its client goes (or the session is done with it)."""

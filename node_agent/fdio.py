@@ -55,7 +55,7 @@ async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, writable: bool,
 _INT = struct.Struct("i")
 
 
-def _readable(fd: int) -> int:
+def readable_bytes(fd: int) -> int:
     """How much to read: what is buffered (FIONREAD), at most CHUNK, so no 1 MiB buffer is allocated
     (and shrunk) for a few bytes; 1 when nothing is buffered (the read then tells EOF from EAGAIN)."""
     try:
@@ -83,7 +83,7 @@ class OutputReader:
             if self._exited.is_set() and self._exit_at is None:
                 self._exit_at = time.monotonic()
             try:
-                data = os.read(self.fd, min(_readable(self.fd), limit))
+                data = os.read(self.fd, min(readable_bytes(self.fd), limit))
             except BlockingIOError:
                 if self._exit_at is not None:
                     return b""

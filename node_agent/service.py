@@ -23,7 +23,7 @@ from core.events import EventHub, Listener
 from core.execspec import ExecPost
 from core.filespec import PushSpec
 from core.identity import Identity
-from core.operations import Operation, OperationRegistry, Status, render
+from core.operations import Operation, OperationRegistry, render
 from node_agent.audit import MAX_LIMIT, AuditLog
 from node_agent.execs import Execs, Session
 from node_agent.files import Download, Files

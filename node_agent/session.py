@@ -1,8 +1,11 @@
 """ExecSession: one per exec. It alone owns the command's process and its pipes or PTY, and relays
-them to the exec websockets (spec §5). Everything else talks to it through ``attach`` and ``cancel``.
+them to the exec websockets (spec §5). Everything else talks to it through ``connect`` (or ``attach``)
+and ``cancel``.
 
-Decisions (who may start, what a disconnect means) live in broker/session_state.py; this module is the
-asyncio adapter around them.
+Decisions (who may start, what a disconnect means) live in core/session_state.py; this module is the
+asyncio adapter around them. Its sockets are ports (core/channel.Port) and its streams pumps
+(node_agent/pumps.py): callbacks, not tasks, so that a session costs one task (its operation's run)
+however many sockets it has.
 """
 
 from __future__ import annotations
@@ -15,14 +18,15 @@ import struct
 import termios
 from collections.abc import Awaitable, Callable
 
-from core.channel import Channel, ChannelClosed
+from core.channel import Channel, ChannelPort, Port
 from core.errors import ApiError, SpawnError
 from core.execspec import CONTROL, ExecPost, ExitResult, Resize, Signal, parse_control
 from core.operations import Operation
 from core.session_state import Phase, SessionState
 from node_agent.asciicast import Recorder
 from node_agent.deadline import Deadline, outcome
-from node_agent.fdio import OutputReader, close_quietly, make_pipe, set_nonblocking, write_all
+from node_agent.fdio import close_quietly, make_pipe, set_nonblocking, write_all
+from node_agent.pumps import InputPump, OutputPump
 from node_agent.runtime.spawn import Process, SpawnRequest
 
 log = logging.getLogger(__name__)
@@ -35,31 +39,6 @@ SpawnFn = Callable[[SpawnRequest, tuple[int, ...]], Awaitable[Process]]
 
 def set_winsize(fd: int, width: int, height: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
-
-
-class _Socket:
-    """An attached websocket: its channel and the event its route handler waits on."""
-
-    def __init__(self, channel: Channel) -> None:
-        self.channel = channel
-        self.done = asyncio.Event()
-        self.broken = False
-
-    async def send(self, data: bytes | str) -> None:
-        if self.broken:
-            return
-        try:
-            if isinstance(data, str):
-                await self.channel.send_text(data)
-            else:
-                await self.channel.send_bytes(data)
-        except ChannelClosed:
-            self.broken = True
-
-    async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.channel.close()
-        self.done.set()
 
 
 def _ignore(_n: int) -> None:
@@ -121,12 +100,16 @@ class ExecSession(SessionIO):
         self.state = SessionState(req.interactive)
         self._spawn = spawn
         self._on_started = on_started
-        self._sockets: dict[str, _Socket] = {}
-        self._ready = asyncio.Event()
-        self._exited = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._ports: dict[str, Port] = {}
+        self._released: dict[str, asyncio.Future[None]] = {}  # fd -> done with its socket
+        self._ready: asyncio.Future[None] = self._loop.create_future()  # every required socket is in
         self._process: Process | None = None
         self._pty_master: int | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._outputs: list[OutputPump] = []
+        self._outputs_done: asyncio.Future[None] | None = None
+        self._input: InputPump | None = None
+        self._client_closed: asyncio.Future[None] = self._loop.create_future()  # interactive: socket 0 ended
         self._cancelled = False
         self.deadline: Deadline | None = None  # of a command run with a timeout
         self.recorder: Recorder | None = None  # of a session recorded as asciicast
@@ -147,31 +130,45 @@ class ExecSession(SessionIO):
     def release(self, fd: str) -> None:
         self.state.release(fd)
 
-    async def attach(self, fd: str, channel: Channel) -> None:
-        """Hand a connected websocket to the session; returns when the session is done with it."""
-        sock = _Socket(channel)
-        self._sockets[fd] = sock
+    def connect(self, fd: str, channel: Channel | Port) -> asyncio.Future[None]:
+        """Hand a claimed, connected socket to the session; the future is done when the session is
+        done with it (it then closed it)."""
+        port = as_port(channel)
+        released = self._loop.create_future()
+        if self.state.phase is Phase.CLOSED:
+            port.shut()
+            released.set_result(None)
+            return released
+        self._ports[fd] = port
+        self._released[fd] = released
         if self.state.phase is not Phase.WAITING and fd == CONTROL and self._process is not None:
-            self._spawn_task(self._control_loop(sock))
-        if self.state.ready:
-            self._ready.set()
-        await sock.done.wait()
+            port.listen(self._control)
+        if self.state.ready and not self._ready.done():
+            self._ready.set_result(None)
+        return released
+
+    async def attach(self, fd: str, channel: Channel) -> None:
+        """``connect``, and return when the session is done with the socket."""
+        await asyncio.shield(self.connect(fd, channel))
 
     # -- lifecycle ----------------------------------------------------------------------------------
     async def cancel(self) -> None:
         """DELETE of the operation: kill the command (its whole process group), or never start it."""
         self._cancelled = True
-        self._ready.set()
+        if not self._ready.done():
+            self._ready.set_result(None)
         if self._process is not None:
             self._process.kill_group()
 
     async def run(self, op: Operation) -> None:
         """The operation's run function: wait for sockets, run the command, relay, report."""
         try:
-            try:
-                await asyncio.wait_for(self._ready.wait(), CONNECT_TIMEOUT)
-            except asyncio.TimeoutError:
-                raise ApiError("Timed out waiting for websockets to connect") from None
+            if not self._ready.done():
+                timer = self._loop.call_later(CONNECT_TIMEOUT, self._connect_timeout)
+                try:
+                    await self._ready
+                finally:
+                    timer.cancel()
             if self._cancelled:
                 return
             result = self._result(await self._run_command())
@@ -179,7 +176,11 @@ class ExecSession(SessionIO):
             if result.error:
                 raise ApiError(result.error)
         finally:
-            await self._shutdown()
+            self._shutdown()
+
+    def _connect_timeout(self) -> None:
+        if not self._ready.done():
+            self._ready.set_exception(ApiError("Timed out waiting for websockets to connect"))
 
     async def _run_command(self) -> int:
         spawn_req = self._spawn_request()
@@ -189,10 +190,9 @@ class ExecSession(SessionIO):
             except SpawnError as exc:
                 raise ApiError(str(exc)) from None
             self._pty_master = self._process.pty_master
-            mine: tuple[int, ...] = ()
         else:
             in_r, in_w = make_pipe()
-            set_nonblocking(in_w)  # write_all waits for room: a blocking write would stop the loop
+            set_nonblocking(in_w)  # the input pump waits for room: a blocking write would stop the loop
             out_r, out_w = make_pipe()
             err_r, err_w = make_pipe()
             mine = (in_w, out_r, err_r)
@@ -215,118 +215,82 @@ class ExecSession(SessionIO):
             self._on_started()
         if self.req.interactive:
             assert self._pty_master is not None
-            return await self._relay_interactive(self._pty_master)
-        return await self._relay_pipes(*mine)
-
-    async def _relay_pipes(self, stdin_w: int, stdout_r: int, stderr_r: int) -> int:
-        proc = self._process
-        assert proc is not None
-        s0, s1, s2 = self._sockets["0"], self._sockets["1"], self._sockets["2"]
-        outputs = [
-            self._spawn_task(self._pump_out(OutputReader(stdout_r, self._exited), s1)),
-            self._spawn_task(self._pump_out(OutputReader(stderr_r, self._exited), s2)),
-        ]
-        self._spawn_task(self._pump_in(s0, stdin_w))
-        self._spawn_task(self._watch_stdout(s1))
-        self._spawn_task(self._drain(s2))
-        if CONTROL in self._sockets:
-            self._spawn_task(self._control_loop(self._sockets[CONTROL]))
+            self._relay_interactive(self._pty_master)
+        else:
+            self._relay_pipes(*mine)
         try:
-            try:
-                code = await proc.wait()
-            finally:
-                self._mark_exited()
-            await asyncio.gather(*outputs)
-            return code
-        finally:  # cancelled mid-command too: the readers stop before their fds close
-            for task in outputs:
-                task.cancel()
-            await asyncio.gather(*outputs, return_exceptions=True)
-            close_quietly(stdout_r, stderr_r)
-
-    async def _relay_interactive(self, master: int) -> int:
-        proc = self._process
-        assert proc is not None
-        s0 = self._sockets["0"]
-        output = self._spawn_task(self._pump_out(OutputReader(master, self._exited), s0))
-        client_closed = asyncio.Event()
-        self._spawn_task(self._pump_in(s0, master, close_after=False, closed=client_closed))
-        self._spawn_task(self._control_loop(self._sockets[CONTROL]))
-        try:
-            code = await proc.wait()
+            code = await self._process.wait()
         finally:
-            self._mark_exited()
-        await output
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(client_closed.wait(), CLIENT_CLOSE_GRACE)
+            self.state.phase = Phase.EXITED
+            for pump in self._outputs:
+                pump.exited()
+        assert self._outputs_done is not None
+        await self._outputs_done
+        if self.req.interactive and not self._client_closed.done():
+            timer = self._loop.call_later(CLIENT_CLOSE_GRACE, _settle, self._client_closed)
+            try:
+                await self._client_closed
+            finally:
+                timer.cancel()
         return code
 
-    def _mark_exited(self) -> None:
-        self.state.phase = Phase.EXITED
-        self._exited.set()
+    def _relay_pipes(self, stdin_w: int, stdout_r: int, stderr_r: int) -> None:
+        p0, p1, p2 = self._ports["0"], self._ports["1"], self._ports["2"]
+        self._watch_outputs((stdout_r, p1), (stderr_r, p2))
+        self._input = InputPump(p0, stdin_w, self._took_input, owns_fd=True)
+        p1.listen(self._stdout_socket)
+        p2.listen(_ignore_message)
+        if CONTROL in self._ports:
+            self._ports[CONTROL].listen(self._control)
 
-    # -- pumps --------------------------------------------------------------------------------------
-    async def _pump_out(self, reader: OutputReader, sock: _Socket) -> None:
-        while data := await reader.read():
-            self.bytes_out += len(data)
-            self._count_out(len(data))
-            if self.recorder is not None:
-                self.recorder.output(data)
-            await sock.send(data)
-        await sock.send("")
+    def _relay_interactive(self, master: int) -> None:
+        p0 = self._ports["0"]
+        self._watch_outputs((master, p0))
+        self._input = InputPump(p0, master, self._took_input, owns_fd=False,
+                                on_end=lambda: _settle(self._client_closed))
+        self._ports[CONTROL].listen(self._control)
 
-    async def _pump_in(self, sock: _Socket, fd: int, close_after: bool = True,
-                       closed: asyncio.Event | None = None) -> None:
-        forwarding = True
-        try:
-            while True:
-                msg = await sock.channel.receive()
-                if msg is None:
-                    break
-                if isinstance(msg, str):
-                    forwarding = False  # EOF barrier: stop forwarding, keep reading for pings/close
-                    if close_after:
-                        close_quietly(fd)
-                        close_after = False
-                    continue
-                if forwarding:
-                    forwarding = await self._feed(fd, msg)
-        finally:
-            if close_after:
-                close_quietly(fd)
-            if closed is not None:
-                closed.set()
+    def _watch_outputs(self, *outputs: tuple[int, Port]) -> None:
+        self._outputs_done = self._loop.create_future()
+        left = [len(outputs)]
 
-    async def _watch_stdout(self, sock: _Socket) -> None:
+        def one_done() -> None:
+            left[0] -= 1
+            if left[0] == 0:
+                _settle(self._outputs_done)
+
+        self._outputs = [OutputPump(fd, port, self._gave_output, one_done) for fd, port in outputs]
+
+    # -- what the pumps and ports report -----------------------------------------------------------------
+    def _gave_output(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self._count_out(len(data))
+        if self.recorder is not None:
+            self.recorder.output(data)
+
+    def _took_input(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self._count_in(len(data))
+        if self.recorder is not None:
+            self.recorder.input(data)
+
+    def _stdout_socket(self, _msg: bytes | str | None) -> None:
         """Socket 1 never carries client data: anything on it, or its loss, means the client went away."""
-        await sock.channel.receive()
+        port = self._ports["1"]
+        port.listen(_ignore_message)
         if self.state.stdout_activity_kills() and self._process is not None:
             log.warning("stdout websocket activity without a control socket: killing the command")
             self._process.kill_group()
-        await self._drain(sock)
 
-    async def _drain(self, sock: _Socket) -> None:
-        while await sock.channel.receive() is not None:
-            pass
+    def _control(self, msg: bytes | str | None) -> None:
+        if msg is None:
+            if self.state.control_lost_kills() and self._process is not None:
+                log.warning("control websocket closed while the command runs: killing it")
+                self._process.kill_group()
+            return
+        self._apply_control(msg, self.req.interactive)
 
-    async def _control_loop(self, sock: _Socket) -> None:
-        proc = self._process
-        assert proc is not None
-        while True:
-            msg = await sock.channel.receive()
-            if msg is None:
-                if self.state.control_lost_kills():
-                    log.warning("control websocket closed while the command runs: killing it")
-                    proc.kill_group()
-                return
-            self._apply_control(msg, self.req.interactive)
-
-    def _spawn_task(self, coro: Awaitable[None]) -> asyncio.Task[None]:
-        task = asyncio.ensure_future(coro)
-        self._tasks.append(task)
-        return task
-
-    async def _shutdown(self) -> None:
+    def _shutdown(self) -> None:
         """Kill what still runs, close our fds and every socket; never leaves a process behind."""
         self.state.phase = Phase.CLOSED
         if self.deadline is not None:
@@ -334,16 +298,36 @@ class ExecSession(SessionIO):
         if self.recorder is not None:
             self.recorder.close()
         if self._process is not None:
-            if not self._exited.is_set():
+            if self._process.returncode is None:
                 self._process.kill_group()
             self._process.close()
+        for pump in self._outputs:  # no fd is closed under a registered reader or writer
+            pump.stop()
+            if pump.fd != self._pty_master:
+                close_quietly(pump.fd)
+        if self._input is not None:
+            self._input.stop()
         if self._pty_master is not None:
             close_quietly(self._pty_master)
             self._pty_master = None
-        for sock in list(self._sockets.values()):
-            await sock.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
-        self._ready.set()
+        for fd, port in list(self._ports.items()):
+            port.shut()
+            _settle(self._released[fd])
+        _settle(self._outputs_done)
+        _settle(self._client_closed)
+        if not self._ready.done():
+            self._ready.set_result(None)
+
+
+def as_port(channel: Channel | Port) -> Port:
+    """The channel itself when it is a port (an exec websocket), else a port over it."""
+    return channel if hasattr(channel, "offer") else ChannelPort(channel)  # type: ignore[return-value]
+
+
+def _settle(fut: asyncio.Future[None] | None) -> None:
+    if fut is not None and not fut.done():
+        fut.set_result(None)
+
+
+def _ignore_message(_msg: bytes | str | None) -> None:
+    pass

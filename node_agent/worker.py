@@ -25,7 +25,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from api.app import create_app
+from api.app import create_app, create_fast_path
 from api.auth import admin_gid
 from api.connection import Limits
 from api.server import ApiServer
@@ -78,6 +78,8 @@ class Worker:
         self.server = ApiServer(self.data_dir / "unix.socket", group, self.limits, unix_sock=listener)
         self.server.app = create_app(self.frontend, admin_group=group,
                                      to_agent=(self.data_dir / WORKER_SOCKET, self._serves_here))
+        self.server.fast = create_fast_path(self.frontend, admin_group=group,
+                                            serves_here=lambda method, path, query: self._serves("http", method, path, query))
         self.server.route = self._route
         self._link_sock, self._channel, self._loads = link, channel, loads
         self._outbox = EventOutbox()
@@ -87,13 +89,14 @@ class Worker:
 
     # -- what this process serves -------------------------------------------------------------------------
     def _serves_here(self, scope: dict[str, Any]) -> bool:
-        path: str = scope["path"]
+        return self._serves(scope["type"], scope.get("method", ""), scope["path"], scope.get("query_string", b""))
+
+    def _serves(self, kind: str, method: str, path: str, query_string: bytes) -> bool:
         if workers.operation_in(path) is not None:  # ours, or the agent's to find (AgentOps)
             return True
-        if scope["type"] != "http" or scope["method"] != "POST" or not (
-                path.startswith(EXEC_PREFIX) and path.endswith(EXEC_SUFFIX)):
+        if kind != "http" or method != "POST" or not (path.startswith(EXEC_PREFIX) and path.endswith(EXEC_SUFFIX)):
             return False
-        query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        query = urllib.parse.parse_qs(query_string.decode("latin-1"))
         if query.get("project", [projects.DEFAULT])[-1] != projects.DEFAULT or "all-projects" in query:
             return False
         name = path[len(EXEC_PREFIX):-len(EXEC_SUFFIX)]
