@@ -28,7 +28,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from api import envelope
 from api.fastpath import FastCycle, FastPath
 from api.tls import TLSConnection, TLSTransport
-from core import workers
+from core import aio, workers
 
 Listener = Literal["unix", "https", "member", "worker"]
 # (first request's target, the bytes read so far, the transport) -> True when another process took the
@@ -36,6 +36,7 @@ Listener = Literal["unix", "https", "member", "worker"]
 Route = Callable[[bytes, bytes, asyncio.Transport], bool]
 SEND_BUFFER = 4 << 20  # a 1 MiB output frame leaves in one send(): no partial writes, copies, wake-ups
 REQUEST_TIMEOUT = 5.0  # seconds from connect (or a request's first byte) to its complete headers
+DEADLINE_PERIOD = 0.25  # how often request deadlines and keep-alive timeouts are checked (how late they may fire)
 CLOSE_GRACE = 30.0  # seconds a closed websocket's client has to read what was sent before the close frame
 CLOSE_NOW = "execbroker.close_now"  # scope extension: close the websocket at once (close_now)
 SO_PEERGROUPS = 59
@@ -104,7 +105,9 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._route = route  # may hand the connection to another process on its first request line
         self._sniffed = b""  # what was read of the first request while its line was incomplete
         self._preface = preface  # what another process read of this connection before handing it over
-        self._deadline: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None  # when the current request's headers must be complete
+        self._idle_since: float | None = None  # kept alive with no request since (uvicorn's keep-alive timeout)
+        self._ticker = aio.ticker(DEADLINE_PERIOD)
         self._in_headers = True  # no request yet, or one whose headers are not complete
         self._header_bytes = 0  # received of them so far
         self._tail = b""  # the last bytes of that, where a header end may begin
@@ -202,6 +205,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._in_headers, self._header_bytes, self._tail = True, 0, b""  # the next request's
 
     def handle_websocket_upgrade(self) -> None:
+        self._ticker.discard(self)  # the websocket keeps its own time
         if self.fast is None or not self.fast.upgrade(self, self.url):
             super().handle_websocket_upgrade()
 
@@ -226,21 +230,44 @@ class EdgeHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._ticker.discard(self)
         super().connection_lost(exc)
 
+    # -- deadlines, on the loop's shared ticker (no timer handle per connection or request) ----------------
     def _arm(self) -> None:
         if self._deadline is None:
-            self._deadline = self.loop.call_later(self.limits.request_timeout, self._too_slow)
+            self._deadline = self.loop.time() + self.limits.request_timeout
+            self._ticker.add(self)
 
     def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-
-    def _too_slow(self) -> None:
         self._deadline = None
-        if self.transport is not None and not self.transport.is_closing():
+
+    def tick(self, now: float) -> None:
+        if self.transport is None or self.transport.is_closing():
+            self._ticker.discard(self)
+        elif self._deadline is not None and now >= self._deadline:  # no complete headers in time
+            self._deadline = None
             self.transport.close()
+        elif self._idle_since is not None and now - self._idle_since >= self.timeout_keep_alive:
+            self._idle_since = None
+            self.transport.close()
+
+    def on_response_complete(self) -> None:
+        """uvicorn's, with its keep-alive timeout on the ticker instead of a timer handle."""
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self._idle_since = None
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        else:
+            self._idle_since = self.loop.time()
+            self._ticker.add(self)
+
+    def _unset_keepalive_if_required(self) -> None:
+        self._idle_since = None
 
 
 class EdgeWebSocketProtocol(WebSocketsSansIOProtocol):

@@ -52,9 +52,15 @@ _WEBSOCKET = re.compile(r"/1\.0/operations/([^/]+)/websocket")
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 JSON = b"content-type: application/json\r\n"
 NOSNIFF = b"x-content-type-options: nosniff\r\n"
+KEEP_ALIVE = b"connection: keep-alive\r\n"
 # (method, path, query string) -> whether this process serves the request (a worker process: else the agent)
 ServesHere = Callable[[str, str, bytes], bool]
 Handler = Callable[["FastCycle"], Coroutine[Any, Any, None]]
+
+
+def _chunk(body: bytes) -> bytes:
+    """``body`` as the one chunk of a chunked response, and its end."""
+    return b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
 
 
 def query_of(raw: bytes) -> dict[str, str]:
@@ -127,18 +133,22 @@ class FastCycle:
             return
         self.respond(status, envelope.dumps(envelope.error_body(status, message)), JSON + NOSNIFF)
 
-    def start_chunked(self, headers: bytes) -> None:
-        """A 200 whose head goes out now and whose body comes later (``end_chunked``)."""
+    def start_chunked(self, headers: bytes, body: bytes | None = None) -> None:
+        """A 200 whose head goes out now and whose body comes later (``end_chunked``), or at once."""
         self._chunked = True
         close = b"" if self.keep_alive else b"connection: close\r\n"
-        self.proto.transport.write(b"".join((
-            self.proto.status_line(200), self.proto.default_headers(), JSON, headers,
-            b"transfer-encoding: chunked\r\n", close, b"\r\n")))
+        head = b"".join((self.proto.status_line(200), self.proto.default_headers(), JSON, headers,
+                         b"transfer-encoding: chunked\r\n", close, b"\r\n"))
+        if body is None:
+            self.proto.transport.write(head)
+            return
+        self.proto.transport.write(head + _chunk(body))
+        self._done()
 
     def end_chunked(self, body: bytes) -> None:
         if self.response_complete or self.disconnected:
             return
-        self.proto.transport.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        self.proto.transport.write(_chunk(body))
         self._done()
 
     def _done(self) -> None:
@@ -216,8 +226,11 @@ class FastPath:
     async def _wait(self, cycle: FastCycle) -> None:
         timeout = float(atoi(cycle.query.get("timeout", "-1")))
         op_id, who = cycle.params[0], self._who(cycle)
-        await self.backend.get_operation(op_id, who)  # 404 before the 200's head goes out
-        cycle.start_chunked(b"connection: keep-alive\r\n")  # as Incus: the head at once, the body when done
+        op = await self.backend.get_operation(op_id, who)  # 404 before the 200's head goes out
+        if op["status_code"] >= 200 or timeout == 0:  # nothing to wait for: head and body in one write
+            cycle.start_chunked(KEEP_ALIVE, envelope.sync_body(op))
+            return
+        cycle.start_chunked(KEEP_ALIVE)  # as Incus: the head at once, the body when done
         op = await self.backend.wait_operation(op_id, None if timeout < 0 else timeout, who)
         cycle.end_chunked(envelope.sync_body(op))
 

@@ -9,8 +9,8 @@ our memory. Outgoing data frames are written straight to the transport: server f
 are not masked, so a large payload leaves as it is, after a header of a few bytes (no copy into a frame);
 a sender waits while the transport is over its high-water mark (``pause_writing``).
 
-Keepalive (spec §5.7): a ``keepalive`` ping every ``PING_INTERVAL`` seconds, skipped while the transport
-is backed up; pongs are never awaited. A client that sends pings without reading the pongs stops being
+Keepalive (spec §5.7): a ``keepalive`` ping every ``PING_INTERVAL`` seconds (one timer for every connection
+of the loop, core/aio.Ticker), skipped while the transport is backed up; pongs are never awaited. A client that sends pings without reading the pongs stops being
 read until what we wrote drains.
 """
 
@@ -27,6 +27,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from core import aio
 from core.channel import ChannelClosed, Receiver
 
 log = logging.getLogger(__name__)
@@ -73,15 +74,14 @@ class WebSocketConnection(asyncio.Protocol):
         self.remote_closed = False  # the client's close frame arrived, or the connection is gone
         self.local_closed = False  # we sent our close frame (or will send nothing more)
         self.lost = False
-        self._interval = ping_interval
-        self._ping: asyncio.TimerHandle | None = None
-        self._cut: asyncio.TimerHandle | None = None
+        self._cut_at: float | None = None  # a client that has not closed by then is cut off
+        self._ticker = aio.ticker(ping_interval)  # keepalive pings and the close cut-off, shared timer
         self._receiver: Receiver | None = None  # Port: where messages go (else the inbox, for receive())
         self._held = False  # Port: the receiver paused us
         self._drain_callbacks: list[Callable[[], None]] = []
         self._ended = False  # Port: the receiver was told (None)
         connections.add(self)
-        self._arm_ping()
+        self._ticker.add(self)
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # set_protocol() calls nothing
@@ -107,9 +107,7 @@ class WebSocketConnection(asyncio.Protocol):
         self.lost = True
         self.remote_closed = True
         self._connections.discard(self)
-        for timer in (self._ping, self._cut):
-            if timer is not None:
-                timer.cancel()
+        self._ticker.discard(self)
         self._wake_reader()
         self._wake_writer()
 
@@ -207,8 +205,8 @@ class WebSocketConnection(asyncio.Protocol):
             self._flush()
         if self.remote_closed:
             self.transport.close()
-        elif self._cut is None:
-            self._cut = self.loop.call_later(CLOSE_GRACE, self.transport.abort)
+        elif self._cut_at is None:
+            self._cut_at = self.loop.time() + CLOSE_GRACE
         self._wake_reader()
         self._wake_writer()
 
@@ -327,13 +325,13 @@ class WebSocketConnection(asyncio.Protocol):
             for callback in callbacks:
                 callback()
 
-    def _arm_ping(self) -> None:
-        self._ping = self.loop.call_later(self._interval, self._keepalive)
-
-    def _keepalive(self) -> None:
-        if self.lost or self.local_closed or self.conn.state is not State.OPEN:
-            return
-        if not self._write_paused:  # a ping never waits behind data, nor blocks it
+    def tick(self, now: float) -> None:
+        """Every ``PING_INTERVAL``: a keepalive ping, or the cut-off of a client that never closed."""
+        if self.lost:
+            self._ticker.discard(self)
+        elif self._cut_at is not None:
+            if now >= self._cut_at:
+                self.transport.abort()
+        elif self.conn.state is State.OPEN and not self._write_paused:  # a ping never waits behind data
             self.conn.send_ping(b"keepalive")
             self._flush()
-        self._arm_ping()

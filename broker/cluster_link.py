@@ -208,6 +208,10 @@ class ClusterLink:
         self._events.append((event_type, metadata, project))
         self._schedule_flush()
 
+    def has_peers(self) -> bool:
+        """Whether another member is alive (to send this member's events to)."""
+        return any(info.alive and info.name != self.name for info in self.members.values())
+
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True

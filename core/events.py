@@ -96,6 +96,13 @@ class EventHub:
         self.queue_bytes = queue_bytes
         self._listeners: set[Listener] = set()
         self.observers: list[Observer] = []  # see every event of local origin (cluster fan-out)
+        self.observing: Callable[[], bool] = lambda: True  # whether the observers want events now
+
+    def wants(self, event_type: str, project: str) -> bool:
+        """Whether an event would reach anyone (else its metadata need not even be made)."""
+        if self.observers and self.observing():
+            return True
+        return any(listener.wants(event_type, project) for listener in self._listeners)
 
     def subscribe(self, types: Iterable[str], project: str | None = "default") -> Listener:
         listener = Listener(frozenset(types), project, self.queue_limit, self.queue_bytes)

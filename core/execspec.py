@@ -148,7 +148,8 @@ def build_environment(
 def socket_secrets(interactive: bool) -> dict[str, str]:
     """fd name -> 64 hex secret: 0 and control when interactive, else 0, 1, 2 and control."""
     names = ["0", CONTROL] if interactive else ["0", "1", "2", CONTROL]
-    return {name: secrets.token_hex(32) for name in names}
+    pool = secrets.token_hex(32 * len(names))  # one read of the system's randomness for all of them
+    return {name: pool[64 * i:64 * (i + 1)] for i, name in enumerate(names)}
 
 
 def required_sockets(interactive: bool) -> frozenset[str]:

@@ -143,6 +143,7 @@ class NodeAgent:
         link.address = member_link.address = app_server.member_address
         self.frontend.link = link
         self.service.hub.observers.append(link.local_event)
+        self.service.hub.observing = link.has_peers
         self.service.on_instance_deleted = link.instance_deleted
         await link.start()
         if self.processes > 1:

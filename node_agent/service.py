@@ -79,7 +79,8 @@ class NodeService:
         self.hub.close()
 
     def _op_changed(self, op: Operation) -> None:
-        self.hub.publish("operation", render(op), project=op.project)
+        if self.hub.wants("operation", op.project):
+            self.hub.publish("operation", render(op), project=op.project)
         if op.status.final:
             self.execs.finished(op)
 
@@ -89,6 +90,8 @@ class NodeService:
     def _lifecycle(self, action: str, key: str, requestor: Identity | None,
                    context: dict[str, Any] | None = None) -> None:
         project, name = records.split_key(key)
+        if not self.hub.wants("lifecycle", project):
+            return
         self.hub.publish("lifecycle", ev.lifecycle(action, instance_url(name, project),
                                                    requestor.to_json() if requestor else None, context),
                          project=project)

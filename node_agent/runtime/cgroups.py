@@ -75,8 +75,8 @@ class Freezer:
         """Frozen or freezing: either way the instance cannot serve a spawn now."""
         try:
             if self.version == "v1":
-                return (self.path / "freezer.state").read_text().strip() != "THAWED"
-            return (self.path / "cgroup.freeze").read_text().strip() == "1"
+                return _read_small(self.path / "freezer.state") != b"THAWED"
+            return _read_small(self.path / "cgroup.freeze") == b"1"
         except OSError:
             return False
 
@@ -283,3 +283,12 @@ def remove_tree(parent: str) -> list[Path]:
             except OSError:
                 left.append(Path(dirpath))
     return left
+
+
+def _read_small(path: Path) -> bytes:
+    """A one-line kernel file, stripped (no buffered file object: this is read on every exec)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 256).strip()
+    finally:
+        os.close(fd)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -83,7 +84,34 @@ def parent_pid(pid: int) -> int | None:
 
 
 def is_alive(ident: Pid1Identity) -> bool:
-    """The very process we launched is still running (not gone, not a zombie, pid not reused)."""
+    """The very process we launched is still running (not gone, not a zombie, pid not reused). Once
+    found alive, the process is watched through a pidfd (readable once it ended): later answers cost a
+    poll, not a read of /proc (several per exec)."""
+    fd = _watched.get(ident)
+    if fd is None:
+        if not _alive_by_stat(ident):
+            return False
+        try:
+            fd = os.pidfd_open(ident.pid)
+        except OSError:
+            return False
+        if not _alive_by_stat(ident):  # the pid was reused before the pidfd was taken
+            os.close(fd)
+            return False
+        _watched[ident] = fd
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    if poller.poll(0):
+        del _watched[ident]
+        os.close(fd)
+        return False
+    return True
+
+
+_watched: dict[Pid1Identity, int] = {}  # pidfds of the pid1s found alive, until they end
+
+
+def _alive_by_stat(ident: Pid1Identity) -> bool:
     st = _stat(ident.pid)
     return st is not None and st[2] == ident.start_time and st[0] not in ("Z", "X")
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core import aio
 from core.errors import BadRequest, SpawnError
 
 # Exit code reported when pid1 vanished under a running command (instance stopped or killed): as SIGKILL.
@@ -176,7 +177,7 @@ async def spawn(socket_path: Path, req: SpawnRequest, fds: tuple[int, ...]) -> P
             _grow_send_buffer(sock, len(payload) + 4096)
         await _send(loop, sock, payload, fds)
         try:
-            reply, got = await asyncio.wait_for(_recv(loop, sock), REPLY_TIMEOUT)
+            reply, got = await aio.within(_recv(loop, sock), REPLY_TIMEOUT)
         except asyncio.TimeoutError:
             raise SpawnError(f"The instance did not answer the spawn request within {REPLY_TIMEOUT:.0f} s") from None
         pid, pidfd, master = take_reply(reply, got, req.pty)
