@@ -24,7 +24,6 @@ from api.proxy import ToAgent
 from api.routes import (
     audit,
     certificates,
-    events,
     exec,
     files,
     images,
@@ -89,7 +88,6 @@ def create_app(backend: Frontend, trust: Callable[[str], Certificate | None] = l
     metrics.register(app, backend)
     audit.register(app, backend)
     operations.register(app, backend)
-    events.register(app, backend)
     return app
 
 

@@ -38,7 +38,6 @@ SEND_BUFFER = 4 << 20  # a 1 MiB output frame leaves in one send(): no partial w
 REQUEST_TIMEOUT = 5.0  # seconds from connect (or a request's first byte) to its complete headers
 DEADLINE_PERIOD = 0.25  # how often request deadlines and keep-alive timeouts are checked (how late they may fire)
 CLOSE_GRACE = 30.0  # seconds a closed websocket's client has to read what was sent before the close frame
-CLOSE_NOW = "execbroker.close_now"  # scope extension: close the websocket at once (close_now)
 SO_PEERGROUPS = 59
 _default_headers: list[object] = [None, b""]  # the server state's header list, and it as bytes
 _UCRED = struct.Struct("3i")
@@ -271,17 +270,12 @@ class EdgeHttpProtocol(HttpToolsProtocol):
 
 
 class EdgeWebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's websocket protocol; the connection's state comes from the HTTP protocol it upgrades.
-    Routes find ``close_now`` in the scope's extensions (``closer``)."""
+    """uvicorn's websocket protocol, for the websockets the fast path does not serve (a worker's proxied
+    events stream, an upgrade to no route); the connection's state comes from the HTTP protocol it
+    upgrades."""
 
     _pong_paused = False  # reading stopped until the pongs written so far are sent (handle_ping)
     _cut: asyncio.TimerHandle | None = None  # close_now's cut-off of a client that does not read
-
-    def handle_connect(self, event: Any) -> None:
-        super().handle_connect(event)
-        scope = getattr(self, "scope", None)  # none when the upgrade was refused
-        if scope is not None:
-            scope["extensions"][CLOSE_NOW] = self.close_now
 
     def close_now(self, code: int, reason: str) -> None:
         """Close with ``code`` and ``reason``, whatever the route is doing (even waiting to send to a
@@ -341,12 +335,6 @@ class EdgeWebSocketProtocol(WebSocketsSansIOProtocol):
     def revoke(self, reason: str) -> None:
         """Close with 1008 (policy violation) and ``reason``, whatever the route is doing."""
         self.close_now(1008, reason)
-
-
-def closer(scope: Any) -> Callable[[int, str], None] | None:
-    """The connection's ``close_now`` for a websocket route (None when not served by the edge protocol)."""
-    found: Callable[[int, str], None] | None = (scope.get("extensions") or {}).get(CLOSE_NOW)
-    return found
 
 
 class ClientConnections:

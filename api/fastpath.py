@@ -32,8 +32,10 @@ import httptools
 
 from api import envelope
 from api.auth import Denied, Identify
+from api.eventstream import EventStream
 from api.request import atoi, project_in
 from api.request import offset as offset_of
+from api.routes.server import server_document
 from api.wsconn import MAX_MESSAGE, WebSocketConnection
 from broker import relay
 from core import aio
@@ -48,7 +50,9 @@ log = logging.getLogger(__name__)
 
 _EXEC = re.compile(rb"/1\.0/instances/([^/%]+)/exec")
 _OPERATION = re.compile(rb"/1\.0/operations/([^/%]+)(/wait)?")
+_SERVER = re.compile(rb"/1\.0")
 _WEBSOCKET = re.compile(r"/1\.0/operations/([^/]+)/websocket")
+EVENTS = "/1.0/events"
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 JSON = b"content-type: application/json\r\n"
 NOSNIFF = b"x-content-type-options: nosniff\r\n"
@@ -181,16 +185,17 @@ class FastPath:
                 return None
             handler = self._exec
         elif method == b"GET":
-            found = _OPERATION.fullmatch(path)
+            found = _OPERATION.fullmatch(path) or _SERVER.fullmatch(path)
             if found is None:
                 return None
-            handler = self._wait if found.group(2) else self._operation
+            handler = self._server if found.re is _SERVER else self._wait if found.group(2) else self._operation
         else:
             return None
         query = parsed.query or b""
         if self.serves_here is not None and not self.serves_here(method.decode(), path.decode(), query):
             return None
-        cycle = FastCycle(proto, handler, (found.group(1).decode(),), query, keep_alive, self.max_body)
+        params = tuple(g.decode() for g in found.groups() if g is not None)
+        cycle = FastCycle(proto, handler, params, query, keep_alive, self.max_body)
         try:
             cycle.who = self._identify(proto, method.decode(), path.decode(), False)
         except Denied as exc:
@@ -219,6 +224,9 @@ class FastPath:
         body, url = envelope.async_body(op)
         cycle.respond(202, body, JSON + b"location: " + url.encode() + b"\r\n")
 
+    async def _server(self, cycle: FastCycle) -> None:
+        cycle.respond(200, envelope.sync_body(server_document(self.backend, cycle.who, cycle.query.get("project"))))
+
     async def _operation(self, cycle: FastCycle) -> None:
         op = await self.backend.get_operation(cycle.params[0], self._who(cycle))
         cycle.respond(200, envelope.sync_body(op))
@@ -243,8 +251,9 @@ class FastPath:
         if "%" in path:
             path = urllib.parse.unquote(path)
         found = _WEBSOCKET.fullmatch(path)
+        events = path == EVENTS and (self.serves_here is None or self.serves_here("GET", path, parsed.query or b""))
         accept = _accept_key(proto.header(b"sec-websocket-key"))
-        if found is None or accept is None or proto.header(b"sec-websocket-version") != b"13" \
+        if (found is None and not events) or accept is None or proto.header(b"sec-websocket-version") != b"13" \
                 or proto.scope.get("method") != "GET":
             return False
         proto.connections.discard(proto)  # the websocket counts itself once it is one
@@ -254,6 +263,10 @@ class FastPath:
             who = self._identify(proto, "GET", path, True)
             if who is None:
                 raise Forbidden("not authorized")
+            if events:
+                self._events(up, query, who)
+                return True
+            assert found is not None
             op_id, secret, offset = found.group(1), query.get("secret", ""), offset_of(query.get("offset"))
             if self.backend.local.has_operation(op_id):  # ours: attached now, no turn of the loop
                 up.attach(*self.backend.claim_websocket(op_id, secret, who, offset))
@@ -267,6 +280,15 @@ class FastPath:
         proto.transport.pause_reading()  # nothing more is read until the answer
         aio.start(self._elsewhere(up, op_id, secret, who, offset))
         return True
+
+    def _events(self, up: Upgrade, query: dict[str, str], who: Identity) -> None:
+        """The events websocket: the listener exists before the 101 goes out."""
+        listener = self.backend.subscribe(query.get("type"), project_in(query, lambda: who, self.backend, True))
+        conn = up.accept()
+        if conn is None:
+            self.backend.unsubscribe(listener)
+            return
+        EventStream(listener, conn, self.backend.unsubscribe)
 
     async def _elsewhere(self, up: Upgrade, op_id: str, secret: str, who: Identity, offset: int | None) -> None:
         """An operation this process does not run: another member's, or another process of this node's."""

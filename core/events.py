@@ -38,6 +38,7 @@ class Listener:
         self.dropped = False  # closed because it was too slow
         self.reason = ""  # why it was dropped
         self.on_drop: Callable[[str], None] | None = None
+        self.on_ready: Callable[[], None] | None = None  # a frame was queued, or the stream ended (push readers)
 
     def wants(self, event_type: str, project: str) -> bool:
         if event_type not in self.types:
@@ -55,6 +56,8 @@ class Listener:
             self._frames.append(frame)
             self.queued += len(frame)  # JSON is ASCII: characters are bytes
             self._ready.set()
+            if self.on_ready is not None:
+                self.on_ready()
 
     def drop(self, reason: str) -> None:
         """Too slow: release what is queued, end the stream at once, tell ``on_drop``."""
@@ -72,6 +75,16 @@ class Listener:
         """End the stream: the reader gets None after what is queued."""
         self.closed = True
         self._ready.set()
+        if self.on_ready is not None:
+            self.on_ready()
+
+    def take(self) -> str | None:
+        """The next queued frame, if any (a push reader's ``next``)."""
+        if not self._frames:
+            return None
+        frame = self._frames.popleft()
+        self.queued -= len(frame)
+        return frame
 
     async def next(self) -> str | None:
         """The next event as JSON text, or None when the listener was closed."""

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
 from api import envelope
 from api.request import identity, json_body, recursion, trusted
 from broker.frontend import Frontend
+from core.identity import Identity
 from node_agent.server_info import render_untrusted
 
 
@@ -21,12 +24,8 @@ def register(app: FastAPI, backend: Frontend) -> None:
 
     @app.get("/1.0")
     async def server(request: Request) -> Response:
-        if not trusted(request):
-            return envelope.sync(render_untrusted())
-        who = identity(request)
-        details = admin.server_details(who) if admin is not None else {}
-        where = request.query_params.get("project") or "default"  # shown, not checked: any client may read /1.0
-        return envelope.sync(backend.local.server_info(who, project=where, **details))
+        who = identity(request) if trusted(request) else None
+        return envelope.sync(server_document(backend, who, request.query_params.get("project")))
 
     @app.put("/1.0")
     async def put_server(request: Request) -> Response:
@@ -96,3 +95,12 @@ def register(app: FastAPI, backend: Frontend) -> None:
     async def member(name: str, request: Request) -> Response:
         identity(request)
         return envelope.sync(await backend.member(name))
+
+
+def server_document(backend: Frontend, who: Identity | None, project: str | None) -> dict[str, Any]:
+    """``GET /1.0``: what the caller may see of the server (``who`` None: an untrusted TLS client). The
+    project is shown, not checked: any client may read /1.0. (Also the fast path's, api/fastpath.py.)"""
+    if who is None:
+        return render_untrusted()
+    details = backend.admin.server_details(who) if backend.admin is not None else {}
+    return backend.local.server_info(who, project=project or "default", **details)
