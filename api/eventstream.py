@@ -21,7 +21,7 @@ class EventStream:
         self._waiting = False  # for the connection to drain
         self._ended = False
         listener.on_ready = self._pump
-        listener.on_drop = lambda reason: conn.close_now(DROP_CODE, reason)
+        listener.on_drop = self._dropped
         conn.listen(self._from_client)
         self._pump()
 
@@ -35,6 +35,11 @@ class EventStream:
                 return
         if self.listener.closed:
             self._end()
+
+    def _dropped(self, reason: str) -> None:
+        """Too slow: the close frame goes after what the transport holds, then the connection closes (no
+        wait for a close frame from a client that reads nothing)."""
+        self.conn.revoke(reason, DROP_CODE)
 
     def _drained(self) -> None:
         self._waiting = False
@@ -51,6 +56,6 @@ class EventStream:
         self.listener.on_ready = None
         self._unsubscribe(self.listener)
         if self.listener.dropped:
-            self.conn.close_now(DROP_CODE, self.listener.reason)
+            self.conn.revoke(self.listener.reason, DROP_CODE)
         else:
             self.conn.shut()

@@ -210,9 +210,10 @@ class WebSocketConnection(asyncio.Protocol):
         self._wake_reader()
         self._wake_writer()
 
-    def revoke(self, reason: str) -> None:
-        """Close with 1008 (policy violation): a revoked certificate, a dropped listener."""
-        self.close_now(1008, reason)
+    def revoke(self, reason: str, code: int = 1008) -> None:
+        """Close with ``code`` (1008: policy violation) and end the connection once what it holds is sent,
+        without waiting for the client's close frame: a revoked certificate, a dropped events listener."""
+        self.close_now(code, reason)
         self.transport.close()
 
     def shutdown(self) -> None:

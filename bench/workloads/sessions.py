@@ -1,24 +1,43 @@
 """5. Concurrent sessions: N execs of `cat` open at once, each streaming stdin and reading it back byte-exact.
 
-Per level N (10, 100, 1000, and 10,000 in a full run): open all N sessions (POST + sockets 0/1/2, at most SETUP_PARALLEL at a time),
-then all stream for a bounded time with at most WINDOW bytes in flight each, then send the barrier, read
-the rest, check every byte and `return` 0. The agent's VmRSS is read before opening, sampled while all
-sessions stream (the peak), and after they closed; growth per session = (peak - before) / N.
-Bounded everywhere: per-session deadline, count caps; a session that misses its deadline is a hang.
+Per level N (10, 100, 1000, and 10,000 in a full run): open all N sessions (POST + sockets 0/1/2, at most
+SETUP_PARALLEL at a time per client process), then all stream for a bounded time with at most WINDOW bytes in
+flight each, then send the barrier, read the rest, check every byte and `return` 0. The front end's VmRSS (the
+agent's, plus its workers' when it has some) is read before opening, sampled while all sessions stream (the
+peak), and after they closed; growth per session = (peak - before) / N.
+
+A level one process cannot hold under RLIMIT_NOFILE (whose hard limit may not be raisable: 20,000 here) runs
+on a broker of its own with worker processes (``execbroker up --workers P``: each holds its own sessions'
+~7 fds: 3 websockets, 3 pipe ends, the spawn connection) and with the client split over processes (3 fds a
+session each), both sized from the limit. Bounded everywhere: per-session deadline, count caps; a session
+that misses its deadline is a hang.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 
 from bench.context import Context
-from bench.harness import Row, fd_count, nofile_limit, raise_nofile, vm_rss_kib
-from bench.wire import Exec, drain, start_exec
+from bench.harness import (
+    BrokerProcess,
+    Row,
+    children,
+    delete_instances,
+    fd_count,
+    nofile_limit,
+    raise_nofile,
+    vm_rss_kib,
+)
+from bench.wire import Api, Exec, drain, start_exec
 
 NAME = "sessions"
 TITLE = "5 concurrent sessions (cat)"
@@ -28,6 +47,9 @@ BUDGET = {"quick": 100, "full": 900}  # seconds: 10,000 sessions take a few minu
 CHUNK = 16 << 10
 WINDOW = 64 << 10
 SETUP_PARALLEL = 32
+BROKER_FDS = 7  # a `cat` session's fds in the front-end process that runs it
+CLIENT_FDS = 3  # ... and in the bench client: its three websockets
+FD_RESERVE = 1500  # of each process's limit, for everything else it holds
 PATTERN = random.Random(5).randbytes(1 << 20)
 PATTERN2 = PATTERN + PATTERN  # any stream window of <= 1 MiB is one slice of this
 
@@ -53,11 +75,10 @@ class Session:
         return self.index * 7919
 
 
-async def _open(ctx: Context, s: Session, gate: asyncio.Semaphore) -> None:
-    assert ctx.api is not None
+async def _open(api: Api, s: Session, gate: asyncio.Semaphore) -> None:
     async with gate:
         try:
-            s.ex = await start_exec(ctx.api, "c1", ["cat"])
+            s.ex = await start_exec(api, "c1", ["cat"])
         except Exception as exc:  # noqa: BLE001 - counted as a failure
             s.error = f"open: {type(exc).__name__}: {exc}"
 
@@ -110,77 +131,209 @@ async def _run_session(s: Session, stop_at: float, deadline: float) -> None:
         s.ex.abort()
 
 
-async def level(ctx: Context, n: int, stream_s: float) -> dict[str, object]:
-    pid = ctx.agent_pid
-    await asyncio.sleep(0.5)
-    rss_before, fds_before = vm_rss_kib(pid), fd_count(pid)
-    sessions = [Session(i) for i in range(n)]
+async def open_all(api: Api, sessions: list[Session]) -> float:
+    """Open every session (at most SETUP_PARALLEL at a time); the seconds it took."""
     gate = asyncio.Semaphore(SETUP_PARALLEL)
     t_open = time.monotonic()
-    await asyncio.wait_for(asyncio.gather(*(_open(ctx, s, gate) for s in sessions)), 60 + n * 0.1)
-    open_s = time.monotonic() - t_open
-    opened = sum(1 for s in sessions if s.ex is not None)
-    stop_at = time.monotonic() + stream_s
-    deadline = stop_at + 30 + n * 0.02
-    peak = {"rss": vm_rss_kib(pid), "fds": fd_count(pid)}
+    await asyncio.wait_for(asyncio.gather(*(_open(api, s, gate) for s in sessions)), 60 + len(sessions) * 0.1)
+    return time.monotonic() - t_open
 
-    async def sample() -> None:
+
+async def stream_all(sessions: list[Session], stream_s: float, total: int) -> float:
+    """Every opened session streams for ``stream_s``, then ends; the seconds it took."""
+    stop_at = time.monotonic() + stream_s
+    deadline = stop_at + 30 + total * 0.02
+    t0 = time.monotonic()
+    await asyncio.gather(*(_run_session(s, stop_at, deadline) for s in sessions))
+    return time.monotonic() - t0
+
+
+def outcome(sessions: list[Session]) -> dict[str, Any]:
+    failures = [s for s in sessions if s.error]
+    return {"opened": sum(1 for s in sessions if s.ex is not None), "failures": len(failures),
+            "hangs": sum(1 for s in sessions if s.hung), "errors": sorted({s.error for s in failures})[:5],
+            "bytes": sum(s.received for s in sessions)}
+
+
+class _Sampler:
+    """The front end's RSS (summed over its processes) and its largest process's fd count, sampled."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.peak = {"rss": self.rss(), "fds": self.fds()}
+        self._task: asyncio.Future[None] | None = None
+
+    def rss(self) -> int:
+        return sum(vm_rss_kib(pid) for pid in self.pids)
+
+    def fds(self) -> int:
+        return max(fd_count(pid) for pid in self.pids)
+
+    def sample(self) -> None:
+        self.peak["rss"] = max(self.peak["rss"], self.rss())
+        self.peak["fds"] = max(self.peak["fds"], self.fds())
+
+    async def _loop(self) -> None:
         while True:
             await asyncio.sleep(0.25)
-            peak["rss"] = max(peak["rss"], vm_rss_kib(pid))
-            peak["fds"] = max(peak["fds"], fd_count(pid))
+            self.sample()
 
-    sampler = asyncio.ensure_future(sample())
-    t0 = time.monotonic()
-    try:
-        await asyncio.gather(*(_run_session(s, stop_at, deadline) for s in sessions))
-    finally:
-        sampler.cancel()
-    elapsed = time.monotonic() - t0
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._loop())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+async def level(api: Api, pids: list[int], n: int, stream_s: float, clients: int = 1) -> dict[str, object]:
+    """One level against the front end ``pids`` (the agent first): in this process (``clients`` 1) or split
+    over ``clients`` child processes, each its share of the sessions."""
+    await asyncio.sleep(0.5)
+    rss_before, fds_before = sum(vm_rss_kib(pid) for pid in pids), max(fd_count(pid) for pid in pids)
+    sampler = _Sampler(pids)
+    if clients == 1:
+        sessions = [Session(i) for i in range(n)]
+        open_s = await open_all(api, sessions)
+        sampler.sample()
+        sampler.start()
+        try:
+            elapsed = await stream_all(sessions, stream_s, n)
+        finally:
+            sampler.stop()
+        r = outcome(sessions)
+    else:
+        r, open_s, elapsed = await _in_children(api.socket_path, n, stream_s, clients, sampler)
     # After: past the operations' 5 s retention at the top level, so what stays is not just kept records.
     await asyncio.sleep(6.0 if n >= 1000 else 1.0)
-    rss_after, fds_after = vm_rss_kib(pid), fd_count(pid)
-    failures = [s for s in sessions if s.error]
-    total = sum(s.received for s in sessions)
+    rss_after, fds_after = sum(vm_rss_kib(pid) for pid in pids), max(fd_count(pid) for pid in pids)
     return {
-        "n": n, "opened": opened, "open_s": open_s, "stream_s": stream_s, "elapsed_s": elapsed,
-        "bytes": total, "mib_s": total / (1 << 20) / elapsed,
-        "failures": len(failures), "hangs": sum(1 for s in sessions if s.hung),
-        "errors": sorted({s.error for s in failures})[:5],
-        "rss_before_kib": rss_before, "rss_peak_kib": peak["rss"], "rss_after_kib": rss_after,
-        "growth_per_session_kib": (peak["rss"] - rss_before) / n,
-        "agent_fds": {"before": fds_before, "peak": peak["fds"], "after": fds_after},
+        "n": n, "open_s": open_s, "stream_s": stream_s, "elapsed_s": elapsed, **r,
+        "mib_s": int(r["bytes"]) / (1 << 20) / elapsed, "processes": len(pids), "client_processes": clients,
+        "rss_before_kib": rss_before, "rss_peak_kib": sampler.peak["rss"], "rss_after_kib": rss_after,
+        "growth_per_session_kib": (sampler.peak["rss"] - rss_before) / n,
+        "agent_fds": {"before": fds_before, "peak": sampler.peak["fds"], "after": fds_after},
     }
 
 
+async def _in_children(socket: str, n: int, stream_s: float, clients: int,
+                       sampler: _Sampler) -> tuple[dict[str, Any], float, float]:
+    """The sessions split over ``clients`` processes (``python -m bench.workloads.sessions``): each opens its
+    share and says so; once all have, they stream together and report."""
+    shares = [range(i * n // clients, (i + 1) * n // clients) for i in range(clients)]
+    procs = [await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.workloads.sessions", socket, str(share.start), str(len(share)), str(stream_s),
+        str(n), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE) for share in shares]
+    try:
+        t_open = time.monotonic()
+        for proc in procs:
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), 120 + n * 0.1)
+            if not line.startswith(b"opened"):
+                raise RuntimeError(f"a client process did not open its sessions: {line[:200]!r}")
+        open_s = time.monotonic() - t_open
+        sampler.sample()
+        sampler.start()
+        t0 = time.monotonic()
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write(b"go\n")
+            await proc.stdin.drain()
+        parts = []
+        for proc in procs:
+            assert proc.stdout is not None
+            parts.append(json.loads(await asyncio.wait_for(proc.stdout.readline(), stream_s + 120 + n * 0.05)))
+        elapsed = time.monotonic() - t0
+    finally:
+        sampler.stop()
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+    merged = {"opened": sum(p["opened"] for p in parts), "failures": sum(p["failures"] for p in parts),
+              "hangs": sum(p["hangs"] for p in parts), "bytes": sum(p["bytes"] for p in parts),
+              "errors": sorted({e for p in parts for e in p["errors"]})[:5]}
+    return merged, open_s, elapsed
+
+
+async def _child(socket: str, start: int, count: int, stream_s: float, total: int) -> None:
+    """A client process's share: open, say so, wait for "go", stream, print the outcome as JSON."""
+    raise_nofile()
+    api = Api(socket)
+    sessions = [Session(i) for i in range(start, start + count)]
+    await open_all(api, sessions)
+    print("opened", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    await stream_all(sessions, stream_s, total)
+    print(json.dumps(outcome(sessions)), flush=True)
+    await api.aclose()
+
+
+def _processes(n: int, fds_each: int, limit: int) -> int:
+    return max(1, math.ceil(n * fds_each / max(limit - FD_RESERVE, fds_each)))
+
+
+async def _dedicated(n: int, stream_s: float, hard: int) -> dict[str, object]:
+    """A level past one process's fd limit: a broker of its own with enough worker processes (one more
+    than the limit asks for: connections spread by load, not exactly evenly), clients likewise."""
+    processes = _processes(n, BROKER_FDS, hard) + 1
+    clients = _processes(n, CLIENT_FDS, hard) + 1
+    broker = BrokerProcess(env={"EXECBROKER_WORKERS": str(processes)})
+    api = Api(broker.socket)
+    try:
+        await asyncio.to_thread(broker.start)
+        await broker.first_exec(api)
+        assert broker.agent_pid is not None
+        deadline = time.monotonic() + 60
+        while len(workers := sorted(p for p, cmd in children(broker.agent_pid) if b"node_agent.worker" in cmd)) \
+                < processes - 1:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{processes - 1} workers did not start")
+            await asyncio.sleep(0.1)
+        return await level(api, [broker.agent_pid, *workers], n, stream_s, clients)
+    finally:
+        if broker.proc is not None and broker.proc.poll() is None:
+            await delete_instances(api)
+        await api.aclose()
+        if not await asyncio.to_thread(broker.stop):
+            broker.cleanup_dir()
+
+
 async def run(ctx: Context) -> list[Row]:
-    """Each level's throughput and agent RSS growth per session; the top level's RSS row carries the
+    """Each level's throughput and front-end RSS growth per session; the top level's RSS row carries the
     check of its sessions (byte-exact, none hung): its KiB target is bench/targets.py's."""
+    assert ctx.api is not None
     soft, hard = raise_nofile()
     agent_limit = nofile_limit(ctx.agent_pid)
     stream_s = ctx.seconds(2, 8)
     levels = QUICK_LEVELS if ctx.quick else LEVELS
     rows = []
     for n in levels:
-        if 3 * n + 100 > soft:
-            rows.append(Row(TITLE, f"{n} sessions: RSS growth/session", None, "KiB",
-                            note=f"not measured: RLIMIT_NOFILE {soft}/{hard} here (the hard limit cannot be "
-                                 f"raised), {n} sessions need ~{3 * n} fds in the bench and ~{7 * n} in the agent"))
-            continue
-        r = await level(ctx, n, stream_s)
+        if BROKER_FDS * n + FD_RESERVE <= hard and CLIENT_FDS * n + FD_RESERVE <= soft:
+            r = await level(ctx.api, [ctx.agent_pid], n, stream_s)
+        else:
+            r = await _dedicated(n, stream_s, hard)
         ok = r["failures"] == 0 and r["hangs"] == 0 and r["opened"] == n
         growth = float(r["growth_per_session_kib"])  # type: ignore[arg-type]
         note = (f"{r['failures']} failed, {r['hangs']} hung, {r['opened']}/{n} opened in {r['open_s']:.1f}s; "
                 f"RSS {r['rss_before_kib'] // 1024}->{r['rss_peak_kib'] // 1024}->{r['rss_after_kib'] // 1024} MiB")
+        if r["processes"] != 1:
+            note += (f"; {r['processes']} front-end processes (--workers, fd limit {soft}/{hard}), "
+                     f"{r['client_processes']} client processes")
         if r["errors"]:
             note += f"; e.g. {r['errors'][0]}"
         row = Row(TITLE, f"{n} sessions: throughput", r["mib_s"], "MiB/s", note=note, extra=r)  # type: ignore[arg-type]
         rows.append(row)
         rows.append(Row(TITLE, f"{n} sessions: RSS growth/session", growth, "KiB",
                         met=ok if n == levels[-1] else None,
-                        note=f"agent fds peak {r['agent_fds']['peak']}, limit {agent_limit}"
+                        note=f"front-end fds peak {r['agent_fds']['peak']} in one process, limit {agent_limit}"
                              + ("" if ok else "; NOT byte-exact or not all ended")))  # type: ignore[index]
         if not ok and n < levels[-1]:
             rows[-1].note += "; stopped: a smaller level already failed"
             break
     return rows
+
+
+if __name__ == "__main__":  # a client process of a level split over processes (_in_children)
+    sock, first, count, seconds, whole = sys.argv[1:6]
+    asyncio.run(_child(sock, int(first), int(count), float(seconds), int(whole)))
