@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from core import errors
-from core.channel import ChannelClosed
+from core.channel import ChannelClosed, Receiver
 from core.errors import ApiError, Unavailable
 from core.muxframe import CLOSE, CREDIT, MAX_PAYLOAD, STREAM_KINDS, Decoder, FrameError, Kind, frame, header
 
@@ -63,7 +63,7 @@ class Service(Protocol):
 
 
 class MuxStream:
-    """One relayed websocket on a link: a ``core.channel.Channel``."""
+    """One relayed websocket on a link: a ``core.channel.Channel`` and a ``core.channel.Port``."""
 
     def __init__(self, conn: MuxConnection, ident: int) -> None:
         self._conn = conn
@@ -79,6 +79,10 @@ class MuxStream:
         self.remote_closed = False
         self.abnormal = False  # the link was lost, or the peer closed with an error code
         self.close_code: int | None = None
+        self._receiver: Receiver | None = None  # Port: where messages go (else the inbox, for receive())
+        self._held = False
+        self._told_end = False
+        self._drained: list[Callable[[], None]] = []
 
     # -- Channel ----------------------------------------------------------------------------------------
     async def receive(self) -> bytes | str | None:
@@ -92,10 +96,7 @@ class MuxStream:
                 self._reader = None
         msg, size = self._inbox.popleft()
         self._inbox_bytes -= size
-        self._unacked += size
-        if self._unacked >= WINDOW // 4 and not self.remote_closed:
-            self._conn.send(Kind.CREDIT, self.ident, CREDIT.pack(self._unacked))
-            self._unacked = 0
+        self._consumed(size)
         return msg
 
     async def send_bytes(self, data: bytes) -> None:
@@ -105,6 +106,36 @@ class MuxStream:
         await self._send(Kind.TEXT, text.encode())
 
     async def close(self, code: int = 1000) -> None:
+        self.shut(code)
+
+    # -- Port -------------------------------------------------------------------------------------------
+    def listen(self, receiver: Receiver) -> None:
+        self._receiver = receiver
+        self._pass_on()
+
+    def pause(self) -> None:
+        self._held = True
+
+    def resume(self) -> None:
+        self._held = False
+        self._pass_on()
+
+    def offer(self, data: bytes | str) -> bool:
+        if self.local_closed or self.remote_closed:
+            return True  # gone: dropped
+        kind, payload = (Kind.TEXT, data.encode()) if isinstance(data, str) else (Kind.BINARY, data)
+        self._credit -= len(payload)  # the caller offers nothing more on False: at most one message past
+        self._conn.send(kind, self.ident, payload)
+        return self._credit > 0 and self._conn.writable
+
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        if self.local_closed or self.remote_closed or (self._credit > 0 and self._conn.writable):
+            asyncio.get_running_loop().call_soon(callback)
+        else:
+            self._drained.append(callback)
+            self._conn.wants_drain(self)
+
+    def shut(self, code: int = 1000) -> None:
         if self.local_closed:
             return
         self.local_closed = True
@@ -112,6 +143,31 @@ class MuxStream:
             self._conn.send(Kind.CLOSE, self.ident, CLOSE.pack(code))
         self._conn.forget_stream(self.ident)
         self._wake()
+
+    def _pass_on(self) -> None:
+        while self._inbox and not self._held and self._receiver is not None:
+            msg, size = self._inbox.popleft()
+            self._inbox_bytes -= size
+            self._consumed(size)
+            self._receiver(msg)
+        if (not self._inbox and (self.remote_closed or self.local_closed) and not self._told_end
+                and self._receiver is not None):
+            self._told_end = True
+            self._receiver(None)
+
+    def _consumed(self, size: int) -> None:
+        """Read by our side: once a quarter window is, the sender gets it back as credit."""
+        self._unacked += size
+        if self._unacked >= WINDOW // 4 and not self.remote_closed:
+            self._conn.send(Kind.CREDIT, self.ident, CREDIT.pack(self._unacked))
+            self._unacked = 0
+
+    def drained(self) -> None:
+        """The link writes again, or credit came back: callers of ``when_drained`` go on."""
+        if self._drained and (self.local_closed or self.remote_closed or (self._credit > 0 and self._conn.writable)):
+            callbacks, self._drained = self._drained, []
+            for callback in callbacks:
+                callback()
 
     # -- the connection's side ---------------------------------------------------------------------------
     async def _send(self, kind: Kind, payload: bytes) -> None:
@@ -131,6 +187,10 @@ class MuxStream:
         """A message of ``size`` bytes on the wire (what the sender counted against its window)."""
         if self.local_closed:
             return
+        if self._receiver is not None and not self._held and not self._inbox:
+            self._consumed(size)
+            self._receiver(msg)
+            return
         self._inbox.append((msg, size))
         self._inbox_bytes += size
         if self._inbox_bytes > WINDOW + (16 << 20):
@@ -141,6 +201,7 @@ class MuxStream:
         self._credit += n
         if self._writer is not None and not self._writer.done() and self._credit > 0:
             self._writer.set_result(None)
+        self.drained()
 
     def ended(self, code: int | None, abnormal: bool) -> None:
         self.remote_closed = True
@@ -156,6 +217,9 @@ class MuxStream:
         self._wake_reader()
         if self._writer is not None and not self._writer.done():
             self._writer.set_result(None)
+        if self._receiver is not None:
+            self._pass_on()
+        self.drained()
 
 
 class MuxConnection(asyncio.Protocol):
@@ -180,6 +244,7 @@ class MuxConnection(asyncio.Protocol):
         self._streams_served: set[asyncio.Future[None]] = set()  # end by themselves: their streams end
         self._writable = asyncio.Event()
         self._writable.set()
+        self._drain_waiters: set[MuxStream] = set()  # Port streams waiting for the link to write again
         self.lost = False
 
     # -- asyncio.Protocol ----------------------------------------------------------------------------------
@@ -232,6 +297,17 @@ class MuxConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writable.set()
+        waiting, self._drain_waiters = self._drain_waiters, set()
+        for stream in waiting:
+            stream.drained()
+
+    @property
+    def writable(self) -> bool:
+        return self._writable.is_set()
+
+    def wants_drain(self, stream: MuxStream) -> None:
+        if not self.writable:
+            self._drain_waiters.add(stream)
 
     # -- sending ---------------------------------------------------------------------------------------------
     def send(self, kind: Kind, ident: int, payload: bytes = b"") -> None:

@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from api.server import ApiServer
 from broker import mux
 from broker.member_link import MemberLink
+from broker.relay import relay
 from core import certs
 from core.errors import ApiError, NotFound, Unavailable
 from core.identity import Identity
@@ -35,6 +36,9 @@ class Echo:
     got: list[Any] = field(default_factory=list)
     callers: list[str] = field(default_factory=list)
     held: list[mux.MuxStream] = field(default_factory=list)
+    link: MemberLink | None = None  # for "relay": this member's link, and the member to relay to
+    back: tuple[str, str] | None = None
+    relays: list[bool] = field(default_factory=list)  # each relay's "owner lost" answer
 
     async def call(self, peer: str, method: str, args: Any) -> dict[str, Any]:
         self.callers.append(peer)
@@ -61,12 +65,35 @@ class Echo:
         if request["op"] == "hold":  # never reads: its sender must stop at the window
             self.held.append(stream)
             await asyncio.Event().wait()
+        if request["op"] == "port":  # echo on the Port side: callbacks, backpressure by offer/when_drained
+            await _echo_port(stream)
+            return
+        if request["op"] == "relay":  # relayed on to the other member's echo, as a front end relays
+            assert self.link is not None and self.back is not None
+            upstream = await self.link.dial_exec_socket(self.back[0], self.back[1], "op", "s", Identity("a", "unix"))
+            self.relays.append(await relay(stream, upstream))
+            return
         while (msg := await stream.receive()) is not None:
             if isinstance(msg, bytes):
                 await stream.send_bytes(msg)
             else:
                 await stream.send_text(msg)
         await stream.close()
+
+
+async def _echo_port(stream: mux.MuxStream) -> None:
+    ended = asyncio.get_running_loop().create_future()
+
+    def message(msg: bytes | str | None) -> None:
+        if msg is None:
+            ended.done() or ended.set_result(None)
+        elif not stream.offer(msg):
+            stream.pause()
+            stream.when_drained(stream.resume)
+
+    stream.listen(message)
+    await ended
+    stream.shut()
 
 
 @dataclass
@@ -351,3 +378,34 @@ async def test_streams_per_link_are_bounded(pair: tuple[Member, Member], monkeyp
     again = await a.link.dial_exec_socket("m2", b.address, "op", "s", Identity("alice", "unix"))
     await again.send_bytes(b"room again")
     assert await again.receive() == b"room again"
+
+
+@pytest.mark.parametrize("op", ["port", "relay"])
+async def test_port_streams_and_the_relay_carry_messages_byte_exact_within_the_window(
+        pair: tuple[Member, Member], op: str) -> None:
+    """A stream served on callbacks (``Port``), and one relayed on to a third stream as a front end relays
+    an exec websocket: ~24 MiB both ways, byte exact, whole messages in order, text kept text."""
+    a, b = pair
+    b.service.link, b.service.back = b.link, ("m1", a.address)
+    stream = await a.link.dial_exec_socket("m2", b.address, op, "secret", Identity("alice", "unix"))
+    blob = random.randbytes(1 << 20)
+    sent = [blob[i:i + 65536 * k] for k, i in enumerate(range(0, 1 << 20, 65536 * 3), 1)] * 24
+
+    async def send() -> None:
+        for chunk in sent:
+            await stream.send_bytes(chunk)
+        await stream.send_text("")
+
+    got: list[bytes | str] = []
+
+    async def receive() -> None:
+        while (msg := await stream.receive()) != "":
+            assert msg is not None
+            got.append(msg)
+
+    await asyncio.wait_for(asyncio.gather(send(), receive()), 60)
+    assert got == sent
+    await stream.close()
+    if op == "relay":
+        await until(lambda: b.service.relays == [False])  # ended by the client, not by a lost owner
+    await until(lambda: all(c.streams == 0 for link in (a.link, b.link) for c in link._all))
