@@ -91,9 +91,11 @@ class WebSocketConnection(asyncio.Protocol):
         if self.remote_closed:
             return
         self.conn.receive_data(data)
-        for frame in self.conn.events_received():
+        events = self.conn.events_received()
+        wrote = self._flush()  # pongs and a close echo go out before anyone hears of the messages
+        for frame in events:
             self._frame(frame)
-        wrote = self._flush()
+        wrote = self._flush() or wrote  # what handling them queued (a 1007 close)
         if wrote and self._write_paused and not self.transport.is_closing():
             self._pong_paused = True  # pongs (or a close) we cannot send yet: stop reading until they are
             self._pause_reading()

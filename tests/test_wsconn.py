@@ -331,3 +331,13 @@ async def test_input_pump_takes_what_queued_before_it_started(pair: Pair) -> Non
     await sending
     assert got == data
     os.close(r)
+
+
+async def test_a_client_that_closes_first_gets_the_close_echoed(pair: Pair) -> None:
+    """The client's close frame is answered with ours even when whoever listens shuts the socket the moment
+    it hears of the end (as an events stream or an exec session does)."""
+    conn, client, _ = pair
+    conn.listen(lambda msg: conn.shut() if msg is None else None)
+    await asyncio.wait_for(client.close(), 5)
+    assert client.protocol.close_rcvd is not None and client.protocol.close_rcvd.code == 1000
+    await until(lambda: conn.lost)
