@@ -64,7 +64,7 @@ def bind_unix(path: Path, group: int | None) -> socket.socket:
     if group is not None and os.geteuid() == 0:
         os.chown(path, 0, group)
         os.chmod(path, 0o660)
-    sock.listen(1024)
+    sock.listen(socket.SOMAXCONN)  # as many as the kernel allows: a burst of clients waits, none is refused
     sock.setblocking(False)
     return sock
 
@@ -118,7 +118,7 @@ class _Running:
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=1,
-            backlog=1024,
+            backlog=socket.SOMAXCONN,  # as bind_unix: uvicorn listens again on the socket it is given
         )
         self.server = _EmbeddedServer(config)
         self.task: asyncio.Task[None] | None = None

@@ -18,6 +18,7 @@ from websockets.asyncio.client import ClientConnection, unix_connect
 from websockets.exceptions import ConnectionClosed
 
 from client.exec_session import open_sockets
+from node_agent.runtime.unixsock import open_unix
 
 
 class WireError(Exception):
@@ -77,8 +78,9 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[HttpResponse, bo
 class Api:
     """REST and websockets on one server socket. HTTP connections are pooled (one request each at a time)."""
 
-    def __init__(self, socket_path: str) -> None:
+    def __init__(self, socket_path: str, pool: bool = True) -> None:
         self.socket_path = socket_path
+        self.pool = pool  # False: a connection per request (each first request free to land on any process)
         self._idle: list[_Conn] = []
 
     async def request(self, method: str, path: str, body: Any = None, timeout: float = 60) -> HttpResponse:
@@ -92,7 +94,8 @@ class Api:
             conn = self._pooled()
             fresh = conn is None
             if conn is None:
-                conn = _Conn(*await asyncio.open_unix_connection(self.socket_path, limit=1 << 22))
+                conn = _Conn(*await asyncio.open_unix_connection(sock=await open_unix(self.socket_path),
+                                                                 limit=1 << 22))
             try:
                 conn.writer.write(data)
                 resp, reusable = await asyncio.wait_for(_read_response(conn.reader), timeout)
@@ -104,7 +107,7 @@ class Api:
             except BaseException:
                 conn.close()
                 raise
-            if reusable:
+            if reusable and self.pool:
                 conn.idle_since = time.monotonic()
                 self._idle.append(conn)
             else:
@@ -145,7 +148,7 @@ class Api:
 
     async def websocket(self, path: str) -> ClientConnection:
         return await unix_connect(
-            self.socket_path, "ws://unix.socket" + path, compression=None, max_size=None,
+            sock=await open_unix(self.socket_path), uri="ws://unix.socket" + path, compression=None, max_size=None,
             ping_interval=None, close_timeout=2, open_timeout=30, user_agent_header="execbroker-bench",
         )
 

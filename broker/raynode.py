@@ -23,6 +23,7 @@ START_LABEL = "execbroker-start"  # one per `ray start`: a head restored from it
 # address (ray._private.services.resolve_ip_for_localhost), so members on one machine would dial each other
 # there. Any other address of 127/8 is kept as given, and on Linux the whole of 127/8 is loopback.
 LOOPBACK_NODE_IP = "127.0.0.2"
+STARTED_LINE = b"Ray runtime started."  # what `ray start` prints once its node is registered
 
 # How fast the GCS declares a node dead (Ray's defaults take ~12-14 s): a probe every second, 1 s to answer,
 # dead after 3 misses, so a lost member is surfaced in ~3-4 s. Each is Ray's own knob: a value set in the
@@ -85,10 +86,11 @@ class RayNode:
         # Ray 2.60's `ray start --block` drains its node for up to 30 s on SIGTERM; our agents keep it
         # busy, so a stop would always wait that long (measured: 30.5 s vs 1.9 s without the drain).
         self.env = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **EVENT_LOOP, **HEALTH_CHECKS, **os.environ,
-                    **(env or {})}
+                    **(env or {}), "PYTHONUNBUFFERED": "1"}  # its "started" line reaches the log at once
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
         self.start_id = os.urandom(6).hex()
+        self._log_from = 0  # where this start's output begins in the log
 
     def command(self) -> list[str]:
         cmd = [ray_binary(), "start", "--block", f"--node-ip-address={self.node_ip}", "--disable-usage-stats",
@@ -100,6 +102,7 @@ class RayNode:
         return cmd
 
     def start(self) -> None:
+        self._log_from = self.log.stat().st_size if self.log is not None and self.log.exists() else 0
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115 - kept by the child
         self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                      env=self.env, start_new_session=True)
@@ -108,6 +111,27 @@ class RayNode:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def wait_started(self, timeout: float = 30.0) -> bool:
+        """Wait until ``ray start`` says its node runs (it says so once its raylet is registered with the
+        GCS): a driver connecting before that finds no node and sleeps a whole second between looks
+        (Ray 2.60, ``services.get_node_to_connect_for_driver``), ~1-2 s of every start. False when the
+        log is not ours to read or the line did not come in time (the driver then waits its own way)."""
+        if self.log is None:
+            return False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"`ray start` exited; see {self.log}")
+            try:
+                with open(self.log, "rb") as f:
+                    f.seek(self._log_from)
+                    if STARTED_LINE in f.read():
+                        return True
+            except FileNotFoundError:
+                pass
+            time.sleep(0.02)
+        return False
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.proc is None:

@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         steps = Steps()
         node.start()
         address_up = _wait_for_gcs(node)
+        node.wait_started()
         steps.done("ray start")
         ray.init(address=address_up, namespace=NAMESPACE, log_to_driver=False,
                  logging_level="WARNING", _node_ip_address=node_ip)

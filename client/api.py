@@ -21,6 +21,7 @@ from websockets.asyncio.client import ClientConnection, unix_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from client.exec_session import ExecResult, ExecSession, Sink, Stdin
+from node_agent.runtime.unixsock import open_unix
 
 DEFAULT_DIR = "/var/lib/execbroker"
 
@@ -165,8 +166,8 @@ class Client:
         """Open a websocket on the server; an HTTP error response becomes ClientError."""
         try:
             return await unix_connect(
-                self.socket_path,
-                "ws://unix.socket" + path,
+                sock=await open_unix(self.socket_path),  # asyncio's unix connect fails silently on a full backlog
+                uri="ws://unix.socket" + path,
                 compression=None,
                 max_size=None,
                 ping_interval=None,

@@ -71,11 +71,26 @@ def operation_in(path: str) -> str | None:
     return found.group(1).decode() if found is not None else None
 
 
-def lighter(me: int, loads: list[int], candidates: list[int]) -> int | None:
+def lighter(me: int, loads: list[int], candidates: list[int], capacity: int | None = None) -> int | None:
     """The process a new connection should go to instead of ``me`` (None: keep it): the least loaded of
     ``candidates``, when it has at least two operations fewer in hand than we do (so work spreads, and a
-    balanced node hands nothing)."""
+    balanced node hands nothing), or whenever we are at ``capacity`` (what one process's file descriptors
+    hold, ``capacity_of``) and it is not."""
     best = min(candidates, key=lambda p: loads[p], default=None)
-    if best is None or best == me or loads[best] + 2 > loads[me]:
+    if best is None or best == me:
         return None
-    return best
+    if loads[best] + 2 <= loads[me]:
+        return best
+    if capacity is not None and loads[me] >= capacity > loads[best]:
+        return best
+    return None
+
+
+SESSION_FDS = 7  # a websocket exec's file descriptors in its process: 3 websockets, 3 pipe ends, the spawn socket
+FD_RESERVE = 1024  # of a process's limit, kept for everything else it holds (listeners, links, files, logs)
+
+
+def capacity_of(nofile: int) -> int:
+    """How many live exec operations a process with ``nofile`` file descriptors takes (all of them
+    websocket sessions: the case that needs the most)."""
+    return max(1, (nofile - FD_RESERVE) // SESSION_FDS)

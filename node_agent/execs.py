@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import time
 import uuid
 from collections.abc import Callable
@@ -12,8 +13,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from core import projects, timefmt
-from core.errors import ApiError, BadRequest, SpawnError
+from core import projects, timefmt, workers
+from core.errors import ApiError, BadRequest, SpawnError, Unavailable
 from core.execspec import ExecPost, ExitResult, build_environment
 from core.identity import Identity
 from core.operations import Operation, OperationRegistry, Status, render
@@ -61,6 +62,7 @@ class Execs:
         self.sessions: dict[str, Session] = {}  # websocket operation id -> its session, until it ends
         self.replays: dict[str, DetachedSession] = {}  # ended detachable execs, until their operation expires
         self._live: dict[str, _Live] = {}  # exec operation id -> what its audit record needs, until it ends
+        self._fd_budget = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - workers.FD_RESERVE
         metrics.sessions.set_function(lambda: len(self.sessions))
         self._bytes_in = metrics.relayed_bytes.labels("in").inc
         self._bytes_out = metrics.relayed_bytes.labels("out").inc
@@ -106,9 +108,20 @@ class Execs:
             raise BadRequest("Instance is not running")
         return inst
 
+    def _check_room(self, websocket: bool) -> None:
+        """A process has only its RLIMIT_NOFILE of file descriptors: past what its live execs may hold (a
+        websocket session ~7, a task 1), a clear 503 instead of failures deep inside (accept, pipe, spawn)."""
+        tasks = len(self._live) - len(self.sessions)
+        used = workers.SESSION_FDS * len(self.sessions) + tasks
+        if used + (workers.SESSION_FDS if websocket else 1) > self._fd_budget:
+            raise Unavailable(f"No room for another exec in this process: {len(self.sessions)} sessions and "
+                              f"{tasks} tasks hold what its {self._fd_budget + workers.FD_RESERVE} file "
+                              "descriptors allow (RLIMIT_NOFILE; more processes: execbroker up --workers)")
+
     def start(self, key: str, post: ExecPost, who: Identity) -> dict[str, Any]:
         """Create and start the exec operation on instance ``key``; returns it rendered."""
         inst = self._running_instance(key)
+        self._check_room(post.wait_for_websocket)
         if (post.record_session or post.record_stdin) and not post.wait_for_websocket:
             raise BadRequest("record-session needs wait-for-websocket (use record-output for a task)")
         if post.detachable and not post.wait_for_websocket:

@@ -18,6 +18,7 @@ import gc
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -44,6 +45,7 @@ from node_agent.service import NodeService, cgroup_parent
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 LOAD_PERIOD = 0.25  # seconds between updates of this process's load
+CAPACITY = workers.capacity_of(resource.getrlimit(resource.RLIMIT_NOFILE)[0])  # live execs one process holds
 EXEC_PREFIX, EXEC_SUFFIX = "/1.0/instances/", "/exec"
 
 
@@ -118,7 +120,7 @@ class Worker:
         """A connection that may be served anywhere goes to the agent when it has less work in hand than we do (the
         agent spreads its own among the workers)."""
         self._loads.set(self.index, self.service.ops.live)
-        if workers.lighter(self.index, self._loads.all(self.processes), [0, self.index]) is None:
+        if workers.lighter(self.index, self._loads.all(self.processes), [0, self.index], CAPACITY) is None:
             return False
         if not handoff.hand(self._channel, transport, data, handoff.STAY):
             return False

@@ -8,8 +8,8 @@ peak), and after they closed; growth per session = (peak - before) / N.
 
 A level one process cannot hold under RLIMIT_NOFILE (whose hard limit may not be raisable: 20,000 here) runs
 on a broker of its own with worker processes (``execbroker up --workers P``: each holds its own sessions'
-~7 fds: 3 websockets, 3 pipe ends, the spawn connection) and with the client split over processes (3 fds a
-session each), both sized from the limit. Bounded everywhere: per-session deadline, count caps; a session
+~8 fds: 3 websockets, 3 pipe ends, the spawn connection, the client's wait) and with the client split over processes (4 fds a
+session each: its websockets and its wait), both sized from the limit. Bounded everywhere: per-session deadline, count caps; a session
 that misses its deadline is a hang.
 """
 
@@ -47,8 +47,8 @@ BUDGET = {"quick": 100, "full": 900}  # seconds: 10,000 sessions take a few minu
 CHUNK = 16 << 10
 WINDOW = 64 << 10
 SETUP_PARALLEL = 32
-BROKER_FDS = 7  # a `cat` session's fds in the front-end process that runs it
-CLIENT_FDS = 3  # ... and in the bench client: its three websockets
+BROKER_FDS = 8  # a `cat` session's fds in the front-end process that runs it, its client's wait included
+CLIENT_FDS = 4  # ... and in the bench client: its three websockets and its wait
 FD_RESERVE = 1500  # of each process's limit, for everything else it holds
 PATTERN = random.Random(5).randbytes(1 << 20)
 PATTERN2 = PATTERN + PATTERN  # any stream window of <= 1 MiB is one slice of this
@@ -83,9 +83,15 @@ async def _open(api: Api, s: Session, gate: asyncio.Semaphore) -> None:
             s.error = f"open: {type(exc).__name__}: {exc}"
 
 
-async def _stream(s: Session, stop_at: float) -> None:
+async def _stream(s: Session, stop_at: float, wait: bool) -> None:
+    """``wait``: the exit code from the operation's ``/wait``, in place before the stream starts (a client
+    this busy could otherwise ask only after the finished operation was let go: Incus keeps it 5 s).
+    Without: the caller checks it in the audit records (``_audited``), as a level of 10,000 sessions
+    does: a wait each is 10,000 more connections, and past ~35,000 at once on this machine fresh
+    connections were cut (EPIPE) while the 30,000 websockets of the same sessions were not."""
     assert s.ex is not None
     ws0, ws1 = s.ex.ws["0"], s.ex.ws["1"]
+    waiting = [asyncio.ensure_future(s.ex.wait(120))] if wait else []
 
     async def send() -> None:
         while time.monotonic() < stop_at:
@@ -108,8 +114,12 @@ async def _stream(s: Session, stop_at: float) -> None:
                 raise RuntimeError("received more than sent")
             s.progress.set()
 
-    await asyncio.gather(send(), receive(), drain(s.ex.ws["2"]))
-    op = await s.ex.wait(30)
+    try:
+        await asyncio.gather(send(), receive(), drain(s.ex.ws["2"]))
+        op = await waiting[0] if waiting else {"metadata": {"return": 0}}  # else checked in the audit
+    finally:
+        for fut in waiting:
+            fut.cancel()
     s.returned = (op.get("metadata") or {}).get("return")
     if s.received != s.sent:
         raise RuntimeError(f"sent {s.sent} bytes, got back {s.received}")
@@ -117,18 +127,27 @@ async def _stream(s: Session, stop_at: float) -> None:
         raise RuntimeError(f"return {s.returned} {op.get('err')}")
 
 
-async def _run_session(s: Session, stop_at: float, deadline: float) -> None:
+async def _run_session(s: Session, stop_at: float, deadline: float, wait: bool) -> None:
     if s.ex is None:
         return
     try:
-        await asyncio.wait_for(_stream(s, stop_at), max(1.0, deadline - time.monotonic()))
+        await asyncio.wait_for(_stream(s, stop_at, wait), max(1.0, deadline - time.monotonic()))
     except asyncio.TimeoutError:
         s.hung = True
         s.error = f"no end within the deadline (sent {s.sent}, received {s.received})"
     except (ConnectionClosed, Exception) as exc:  # noqa: BLE001 - counted as a failure
-        s.error = s.error or f"{type(exc).__name__}: {exc}"
+        s.error = s.error or f"{type(exc).__name__}: {exc}{await _why(s.ex)}"
     finally:
         s.ex.abort()
+
+
+async def _why(ex: Exec) -> str:
+    """What the operation of a failed session says of itself, if it can still be asked."""
+    try:
+        op = await asyncio.wait_for(ex.api.get(f"/1.0/operations/{ex.op_id}"), 5)
+    except Exception as exc:  # noqa: BLE001 - only a diagnostic
+        return f" (operation: {type(exc).__name__})"
+    return f" (operation {op.get('status')}: {op.get('err') or (op.get('metadata') or {}).get('return')})"
 
 
 async def open_all(api: Api, sessions: list[Session]) -> float:
@@ -139,20 +158,25 @@ async def open_all(api: Api, sessions: list[Session]) -> float:
     return time.monotonic() - t_open
 
 
-async def stream_all(sessions: list[Session], stream_s: float, total: int) -> float:
+async def stream_all(sessions: list[Session], stream_s: float, total: int, wait: bool = True) -> float:
     """Every opened session streams for ``stream_s``, then ends; the seconds it took."""
     stop_at = time.monotonic() + stream_s
     deadline = stop_at + 30 + total * 0.02
     t0 = time.monotonic()
-    await asyncio.gather(*(_run_session(s, stop_at, deadline) for s in sessions))
+    await asyncio.gather(*(_run_session(s, stop_at, deadline, wait) for s in sessions))
     return time.monotonic() - t0
 
 
 def outcome(sessions: list[Session]) -> dict[str, Any]:
     failures = [s for s in sessions if s.error]
+    kinds: dict[str, int] = {}
+    for s in failures:
+        kind = s.error.split(":")[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
     return {"opened": sum(1 for s in sessions if s.ex is not None), "failures": len(failures),
             "hangs": sum(1 for s in sessions if s.hung), "errors": sorted({s.error for s in failures})[:5],
-            "bytes": sum(s.received for s in sessions)}
+            "error_kinds": kinds, "bytes": sum(s.received for s in sessions),
+            "ops": [s.ex.op_id for s in sessions if s.ex is not None and not s.error]}
 
 
 class _Sampler:
@@ -202,6 +226,7 @@ async def level(api: Api, pids: list[int], n: int, stream_s: float, clients: int
         finally:
             sampler.stop()
         r = outcome(sessions)
+        r.pop("ops")
     else:
         r, open_s, elapsed = await _in_children(api.socket_path, n, stream_s, clients, sampler)
     # After: past the operations' 5 s retention at the top level, so what stays is not just kept records.
@@ -218,12 +243,13 @@ async def level(api: Api, pids: list[int], n: int, stream_s: float, clients: int
 
 async def _in_children(socket: str, n: int, stream_s: float, clients: int,
                        sampler: _Sampler) -> tuple[dict[str, Any], float, float]:
-    """The sessions split over ``clients`` processes (``python -m bench.workloads.sessions``): each opens its
+    """The sessions split over ``clients`` processes (``child``): each opens its
     share and says so; once all have, they stream together and report."""
     shares = [range(i * n // clients, (i + 1) * n // clients) for i in range(clients)]
     procs = [await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.workloads.sessions", socket, str(share.start), str(len(share)), str(stream_s),
-        str(n), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE) for share in shares]
+        sys.executable, "-c", "import sys; from bench.workloads.sessions import child; child(sys.argv[1:])",
+        socket, str(share.start), str(len(share)), str(stream_s), str(n),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 24) for share in shares]
     try:
         t_open = time.monotonic()
         for proc in procs:
@@ -250,21 +276,38 @@ async def _in_children(socket: str, n: int, stream_s: float, clients: int,
             if proc.returncode is None:
                 proc.kill()
             await proc.wait()
-    merged = {"opened": sum(p["opened"] for p in parts), "failures": sum(p["failures"] for p in parts),
+    audit_failures = await _audited(socket, [op for p in parts for op in p["ops"]])
+    merged = {"opened": sum(p["opened"] for p in parts),
+              "failures": sum(p["failures"] for p in parts) + audit_failures,
+              "audit_failures": audit_failures,
               "hangs": sum(p["hangs"] for p in parts), "bytes": sum(p["bytes"] for p in parts),
-              "errors": sorted({e for p in parts for e in p["errors"]})[:5]}
+              "errors": sorted({e for p in parts for e in p["errors"]})[:5],
+              "error_kinds": {k: sum(p["error_kinds"].get(k, 0) for p in parts)
+                              for k in {k for p in parts for k in p["error_kinds"]}}}
     return merged, open_s, elapsed
+
+
+async def _audited(socket: str, op_ids: list[str]) -> int:
+    """How many of these execs the audit log (``GET /1.0/audit``, exec_audit) does not show ended with
+    Success and return 0."""
+    api = Api(socket)
+    try:
+        records = await api.get(f"/1.0/audit?limit={min(10_000, len(op_ids) + 1000)}")
+    finally:
+        await api.aclose()
+    ok = {r["operation"] for r in records if r.get("status") == "Success" and r.get("return") == 0}
+    return sum(1 for op in op_ids if op not in ok)
 
 
 async def _child(socket: str, start: int, count: int, stream_s: float, total: int) -> None:
     """A client process's share: open, say so, wait for "go", stream, print the outcome as JSON."""
     raise_nofile()
-    api = Api(socket)
+    api = Api(socket, pool=False)  # each session's POST free to land on any front-end process
     sessions = [Session(i) for i in range(start, start + count)]
     await open_all(api, sessions)
     print("opened", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-    await stream_all(sessions, stream_s, total)
+    await stream_all(sessions, stream_s, total, wait=False)
     print(json.dumps(outcome(sessions)), flush=True)
     await api.aclose()
 
@@ -284,6 +327,8 @@ async def _dedicated(n: int, stream_s: float, hard: int) -> dict[str, object]:
         await asyncio.to_thread(broker.start)
         await broker.first_exec(api)
         assert broker.agent_pid is not None
+        # every `cat` is a process of c1: past the default pids limit (an eighth of pid_max) as a user would
+        await api.call("PATCH", "/1.0/instances/c1", {"config": {"limits.processes": str(n + 1000)}})
         deadline = time.monotonic() + 60
         while len(workers := sorted(p for p, cmd in children(broker.agent_pid) if b"node_agent.worker" in cmd)) \
                 < processes - 1:
@@ -334,6 +379,7 @@ async def run(ctx: Context) -> list[Row]:
     return rows
 
 
-if __name__ == "__main__":  # a client process of a level split over processes (_in_children)
-    sock, first, count, seconds, whole = sys.argv[1:6]
+def child(argv: list[str]) -> None:
+    """A client process of a level split over processes (``_in_children``)."""
+    sock, first, count, seconds, whole = argv[:5]
     asyncio.run(_child(sock, int(first), int(count), float(seconds), int(whole)))

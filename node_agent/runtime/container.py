@@ -118,7 +118,7 @@ def _listen(path: Path) -> socket.socket:
     try:  # bound with the process umask (no write bit for others: nobody else can connect), then 0600
         sock.bind(f"/proc/self/fd/{dir_fd}/{path.name}")
         os.chmod(path.name, 0o600, dir_fd=dir_fd)
-        sock.listen(512)
+        sock.listen(socket.SOMAXCONN)  # a burst of execs queues here (the kernel caps it at somaxconn)
     except BaseException:
         sock.close()
         raise

@@ -29,6 +29,7 @@ from typing import Any
 
 from core import aio
 from core.errors import BadRequest, SpawnError
+from node_agent.runtime.unixsock import connect_unix
 
 # Exit code reported when pid1 vanished under a running command (instance stopped or killed): as SIGKILL.
 EXIT_PID1_GONE = 137
@@ -247,7 +248,7 @@ async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, path: P
             raise Pid1Unavailable() from None
         address = f"/proc/self/fd/{dir_fd}/{path.name}"
     try:
-        await loop.sock_connect(sock, address)
+        await connect_unix(sock, address)
     except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
         raise Pid1Unavailable() from None
     finally:

@@ -119,7 +119,7 @@ class Pid1:
             sock.bind(SOCKET_NAME)
         finally:
             os.umask(old)
-        sock.listen(512)
+        sock.listen(socket.SOMAXCONN)  # a burst of execs queues here (the kernel caps it at somaxconn)
         return sock
 
     def _install_signals(self) -> None:
