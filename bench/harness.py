@@ -280,3 +280,15 @@ class BrokerProcess:
 
     def cleanup_dir(self) -> None:
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+async def worker_pids(agent: int, processes: int, timeout: float = 60.0) -> list[int]:
+    """The worker processes of a broker started with ``processes`` front-end processes, once all are up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = sorted(pid for pid, cmd in children(agent) if b"node_agent.worker" in cmd)
+        if len(found) >= processes - 1:
+            return found
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{processes - 1} workers did not start")
+        await asyncio.sleep(0.1)

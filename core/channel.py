@@ -26,6 +26,14 @@ class Channel(Protocol):
     async def close(self, code: int = 1000) -> None: ...
 
 
+async def send(channel: Channel, msg: bytes | str) -> None:
+    """``msg`` on ``channel``: text as text (the barrier), bytes as binary."""
+    if isinstance(msg, str):
+        await channel.send_text(msg)
+    else:
+        await channel.send_bytes(msg)
+
+
 Receiver = Callable[[bytes | str | None], None]
 
 
@@ -124,12 +132,8 @@ class ChannelPort:
     async def _send(self) -> None:
         try:
             while self._outbox:
-                data = self._outbox[0]
                 try:
-                    if isinstance(data, str):
-                        await self.channel.send_text(data)
-                    else:
-                        await self.channel.send_bytes(data)
+                    await send(self.channel, self._outbox[0])
                 except ChannelClosed:
                     self._gone = True
                     self._outbox.clear()

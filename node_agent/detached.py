@@ -20,7 +20,7 @@ from typing import Any
 
 from core import aio
 from core.aio import first_of
-from core.channel import Channel, ChannelClosed
+from core.channel import Channel, ChannelClosed, send
 from core.errors import ApiError, BadRequest, Forbidden, SpawnError
 from core.execspec import (
     CONTROL,
@@ -60,10 +60,7 @@ class _Socket:
         if self.broken:
             return
         try:
-            if isinstance(data, str):
-                await self.channel.send_text(data)
-            else:
-                await self.channel.send_bytes(data)
+            await send(self.channel, data)
         except ChannelClosed:
             self.broken = True
 

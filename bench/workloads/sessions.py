@@ -30,12 +30,12 @@ from bench.context import Context
 from bench.harness import (
     BrokerProcess,
     Row,
-    children,
     delete_instances,
     fd_count,
     nofile_limit,
     raise_nofile,
     vm_rss_kib,
+    worker_pids,
 )
 from bench.wire import Api, Exec, drain, start_exec
 
@@ -329,12 +329,7 @@ async def _dedicated(n: int, stream_s: float, hard: int) -> dict[str, object]:
         assert broker.agent_pid is not None
         # every `cat` is a process of c1: past the default pids limit (an eighth of pid_max) as a user would
         await api.call("PATCH", "/1.0/instances/c1", {"config": {"limits.processes": str(n + 1000)}})
-        deadline = time.monotonic() + 60
-        while len(workers := sorted(p for p, cmd in children(broker.agent_pid) if b"node_agent.worker" in cmd)) \
-                < processes - 1:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{processes - 1} workers did not start")
-            await asyncio.sleep(0.1)
+        workers = await worker_pids(broker.agent_pid, processes)
         return await level(api, [broker.agent_pid, *workers], n, stream_s, clients)
     finally:
         if broker.proc is not None and broker.proc.poll() is None:

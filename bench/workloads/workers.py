@@ -13,17 +13,13 @@ import time
 from typing import Any
 
 from bench.context import Context
-from bench.harness import BrokerProcess, Row, children, cpu_seconds, delete_instances, ratio
+from bench.harness import BrokerProcess, Row, cpu_seconds, delete_instances, ratio, worker_pids
 from bench.wire import Api, run_exec
 from bench.workloads.exec_rate import CONCURRENCY
 
 NAME = "workers"
 TITLE = "9 exec rate, 2 front-end processes vs 1"
 BUDGET = {"quick": 200, "full": 300}
-
-
-def _worker_pids(agent: int) -> list[int]:
-    return sorted(pid for pid, cmd in children(agent) if b"node_agent.worker" in cmd)
 
 
 async def _saturate(api: Api, mode: str, seconds: float) -> dict[str, Any]:
@@ -72,12 +68,7 @@ async def _measure(processes: int, seconds: float) -> dict[str, Any]:
         await asyncio.to_thread(broker.start)
         await broker.first_exec(api)
         assert broker.agent_pid is not None
-        deadline = time.monotonic() + 30
-        while len(_worker_pids(broker.agent_pid)) < processes - 1:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{processes - 1} workers did not start")
-            await asyncio.sleep(0.1)
-        pids = [broker.agent_pid, *_worker_pids(broker.agent_pid)]
+        pids = [broker.agent_pid, *await worker_pids(broker.agent_pid, processes)]
         out: dict[str, Any] = {"pids": pids}
         for mode in ("task", "websocket"):
             before = {pid: cpu_seconds(pid) for pid in pids}
