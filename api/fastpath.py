@@ -1,12 +1,13 @@
 """The exec hot path, served by the edge protocol itself (api/connection.py), without the ASGI stack:
 
-* ``POST /1.0/instances/{name}/exec``, ``GET /1.0/operations/{id}`` and ``GET /1.0/operations/{id}/wait``:
-  answered here when the request is the connection's next one (nothing before it still being answered)
-  and its path is plain; otherwise FastAPI's routes (api/routes/) answer them, with the same front-end
-  calls and the same texts;
-* ``GET /1.0/operations/{id}/websocket``: every exec websocket. The handshake is checked and answered
-  here; the connection then runs on ``api/wsconn.WebSocketConnection``, attached to its session or
-  relayed to the member (or worker process) that runs the operation.
+* ``POST /1.0/instances/{name}/exec``, ``GET /1.0``, ``GET /1.0/operations/{id}`` and
+  ``GET /1.0/operations/{id}/wait``: answered here when the request is the connection's next one (nothing
+  before it still being answered) and its path is plain; otherwise FastAPI's routes (api/routes/) answer
+  them, with the same front-end calls and the same texts;
+* ``GET /1.0/operations/{id}/websocket`` (every exec websocket) and ``GET /1.0/events``: the handshake is
+  checked and answered here; the connection then runs on ``api/wsconn.WebSocketConnection``, attached to
+  its session or relayed to the member (or worker process) that runs the operation, or pushed its events
+  (api/eventstream.py).
 
 What every route has before it runs here too: the caller identified (api/auth.Identify), the request
 body bound (413 past it), a worker process's choice of what it serves itself (``serves_here``: the rest
@@ -33,6 +34,7 @@ import httptools
 from api import envelope
 from api.auth import Denied, Identify
 from api.eventstream import EventStream
+from api.limits import too_large
 from api.request import atoi, project_in
 from api.request import offset as offset_of
 from api.routes.server import server_document
@@ -99,7 +101,7 @@ class FastCycle:
             return
         self.body += data
         if len(self.body) > self.limit:
-            self.error(413, f"Request body too large (limit {self.limit} bytes)")
+            self.error(413, too_large(self.limit))
 
     def complete(self) -> None:
         if not self.response_complete:
@@ -203,7 +205,7 @@ class FastPath:
             return cycle
         length = proto.header(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            cycle.error(413, f"Request body too large (limit {self.max_body} bytes)")
+            cycle.error(413, too_large(self.max_body))
         elif proto.expect_100_continue:
             proto.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return cycle
@@ -271,10 +273,7 @@ class FastPath:
             if self.backend.local.has_operation(op_id):  # ours: attached now, no turn of the loop
                 up.attach(*self.backend.claim_websocket(op_id, secret, who, offset))
                 return True
-        except Denied as exc:
-            up.refuse(exc.status, exc.message)
-            return True
-        except ApiError as exc:
+        except (Denied, ApiError) as exc:
             up.refuse(exc.status, exc.message)
             return True
         proto.transport.pause_reading()  # nothing more is read until the answer

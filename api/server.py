@@ -26,13 +26,7 @@ import uvicorn
 from fastapi import FastAPI
 from OpenSSL import SSL
 
-from api.connection import (
-    EdgeWebSocketProtocol,
-    Limits,
-    Route,
-    http_protocol,
-    tls_http_protocol,
-)
+from api.connection import EdgeWebSocketProtocol, Limits, Route, http_protocol, tls_http_protocol
 from api.fastpath import FastPath
 from api.tls import TLSTransport, server_context
 from api.wsconn import MAX_MESSAGE as WS_MAX_MESSAGE

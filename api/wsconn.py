@@ -5,13 +5,13 @@ Incoming frames are parsed by websockets' sans-IO protocol (RFC 6455: masking, f
 the close handshake, the message bound); messages go to the port's receiver as they are complete, or
 queue for the one reader, and reading stops while more than ``READ_AHEAD`` bytes wait unread (or the
 receiver paused us), so a client that sends faster than its command reads slows down instead of growing
-our memory. Outgoing data frames are written straight to the transport: server frames
-are not masked, so a large payload leaves as it is, after a header of a few bytes (no copy into a frame);
-a sender waits while the transport is over its high-water mark (``pause_writing``).
+our memory. Outgoing data frames are written straight to the transport: server frames are not masked,
+so a large payload leaves as it is, after a header of a few bytes (no copy into a frame); a sender waits
+while the transport is over its high-water mark (``pause_writing``).
 
-Keepalive (spec §5.7): a ``keepalive`` ping every ``PING_INTERVAL`` seconds (one timer for every connection
-of the loop, core/aio.Ticker), skipped while the transport is backed up; pongs are never awaited. A client that sends pings without reading the pongs stops being
-read until what we wrote drains.
+Keepalive (spec §5.7): a ``keepalive`` ping every ``PING_INTERVAL`` seconds (one timer for every
+connection of the loop, core/aio.Ticker), skipped while the transport is backed up; pongs are never
+awaited. A client that sends pings without reading the pongs stops being read until what we wrote drains.
 """
 
 from __future__ import annotations
@@ -65,7 +65,6 @@ class WebSocketConnection(asyncio.Protocol):
         self._inbox: collections.deque[bytes | str] = collections.deque()
         self._inbox_bytes = 0
         self._reader: asyncio.Future[None] | None = None
-        self._drain: asyncio.Future[None] | None = None
         self._fragments: list[bytes] = []
         self._fragment_text = False
         self._write_paused = False
@@ -238,9 +237,9 @@ class WebSocketConnection(asyncio.Protocol):
         while self._write_paused:
             if self.local_closed or self.lost:
                 raise ChannelClosed("the websocket is closed")
-            if self._drain is None:
-                self._drain = self.loop.create_future()
-            await self._drain
+            drained = self.loop.create_future()
+            self.when_drained(lambda: drained.done() or drained.set_result(None))
+            await drained
         if self.lost:
             raise ChannelClosed("the websocket is closed")
 
@@ -319,10 +318,6 @@ class WebSocketConnection(asyncio.Protocol):
             self._pass_on()
 
     def _wake_writer(self) -> None:
-        if self._drain is not None:
-            if not self._drain.done():
-                self._drain.set_result(None)
-            self._drain = None
         if self._drain_callbacks:
             callbacks, self._drain_callbacks = self._drain_callbacks, []
             for callback in callbacks:

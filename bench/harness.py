@@ -4,6 +4,7 @@ statistics and the result rows."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import shutil
@@ -14,7 +15,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -282,13 +283,27 @@ class BrokerProcess:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-async def worker_pids(agent: int, processes: int, timeout: float = 60.0) -> list[int]:
-    """The worker processes of a broker started with ``processes`` front-end processes, once all are up."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = sorted(pid for pid, cmd in children(agent) if b"node_agent.worker" in cmd)
-        if len(found) >= processes - 1:
-            return found
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{processes - 1} workers did not start")
-        await asyncio.sleep(0.1)
+@contextlib.asynccontextmanager
+async def broker_with_workers(processes: int) -> AsyncIterator[tuple[BrokerProcess, Api, list[int]]]:
+    """An `execbroker up --workers N` of its own, serving (its first exec done) with all its workers up:
+    the broker, a client, and the front end's processes (the agent first). Afterwards its instances are
+    deleted through the API and it is stopped; its directory goes when nothing of it is left."""
+    broker = BrokerProcess(env={"EXECBROKER_WORKERS": str(processes)})
+    api = Api(broker.socket)
+    try:
+        await asyncio.to_thread(broker.start)
+        await broker.first_exec(api)
+        assert broker.agent_pid is not None
+        deadline = time.monotonic() + 60
+        while len(found := sorted(p for p, cmd in children(broker.agent_pid) if b"node_agent.worker" in cmd)) \
+                < processes - 1:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{processes - 1} workers did not start")
+            await asyncio.sleep(0.1)
+        yield broker, api, [broker.agent_pid, *found]
+    finally:
+        if broker.proc is not None and broker.proc.poll() is None:
+            await delete_instances(api)
+        await api.aclose()
+        if not await asyncio.to_thread(broker.stop):
+            broker.cleanup_dir()

@@ -64,9 +64,6 @@ class Ticker:
     def discard(self, member: Ticking) -> None:
         self._members.discard(member)
 
-    def __len__(self) -> int:
-        return len(self._members)
-
     def _tick(self) -> None:
         now = self.loop.time()
         for member in list(self._members):

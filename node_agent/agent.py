@@ -14,7 +14,6 @@ import asyncio
 import gc
 import logging
 import os
-import resource
 import socket
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,6 @@ from node_agent.service import NodeService
 
 log = logging.getLogger(__name__)
 LOAD_PERIOD = 0.25  # seconds between updates of this process's load (broker/handoff.Loads)
-CAPACITY = workers.capacity_of(resource.getrlimit(resource.RLIMIT_NOFILE)[0])  # live execs one process holds
 STATE_PERIOD = 0.5  # seconds between pulls of the cluster state (a revocation reaches every member in < 2 s)
 DEFAULT_MAX_CONNECTIONS = 10_000
 DEFAULT_MAX_OPERATIONS = 20_000
@@ -199,7 +197,7 @@ class NodeAgent:
     def _balance(self, pool: WorkerPool, transport: asyncio.BaseTransport, data: bytes) -> bool:
         assert self.server is not None
         pool.loads.set(0, self.service.ops.live)
-        target = workers.lighter(0, pool.loads.all(self.processes), pool.live, CAPACITY)
+        target = workers.lighter(0, pool.loads.all(self.processes), pool.live, self.service.execs.capacity)
         if target is None or not pool.hand(target, transport, data, handoff.STAY):
             return False
         pool.loads.add(target, 1)

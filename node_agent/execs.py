@@ -62,7 +62,9 @@ class Execs:
         self.sessions: dict[str, Session] = {}  # websocket operation id -> its session, until it ends
         self.replays: dict[str, DetachedSession] = {}  # ended detachable execs, until their operation expires
         self._live: dict[str, _Live] = {}  # exec operation id -> what its audit record needs, until it ends
-        self._fd_budget = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - workers.FD_RESERVE
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self._fd_budget = nofile - workers.FD_RESERVE  # what live execs may hold of this process's fds
+        self.capacity = workers.capacity_of(nofile)  # live execs this process takes (a node's balancing)
         metrics.sessions.set_function(lambda: len(self.sessions))
         self._bytes_in = metrics.relayed_bytes.labels("in").inc
         self._bytes_out = metrics.relayed_bytes.labels("out").inc

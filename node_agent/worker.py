@@ -18,7 +18,6 @@ import gc
 import json
 import logging
 import os
-import resource
 import signal
 import socket
 import sys
@@ -45,7 +44,6 @@ from node_agent.service import NodeService, cgroup_parent
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 LOAD_PERIOD = 0.25  # seconds between updates of this process's load
-CAPACITY = workers.capacity_of(resource.getrlimit(resource.RLIMIT_NOFILE)[0])  # live execs one process holds
 EXEC_PREFIX, EXEC_SUFFIX = "/1.0/instances/", "/exec"
 
 
@@ -80,8 +78,7 @@ class Worker:
         self.server = ApiServer(self.data_dir / "unix.socket", group, self.limits, unix_sock=listener)
         self.server.app = create_app(self.frontend, admin_group=group,
                                      to_agent=(self.data_dir / WORKER_SOCKET, self._serves_here))
-        self.server.fast = create_fast_path(self.frontend, admin_group=group,
-                                            serves_here=lambda method, path, query: self._serves("http", method, path, query))
+        self.server.fast = create_fast_path(self.frontend, admin_group=group, serves_here=self._serves_http)
         self.server.route = self._route
         self._link_sock, self._channel, self._loads = link, channel, loads
         self._outbox = EventOutbox()
@@ -92,6 +89,9 @@ class Worker:
     # -- what this process serves -------------------------------------------------------------------------
     def _serves_here(self, scope: dict[str, Any]) -> bool:
         return self._serves(scope["type"], scope.get("method", ""), scope["path"], scope.get("query_string", b""))
+
+    def _serves_http(self, method: str, path: str, query_string: bytes) -> bool:
+        return self._serves("http", method, path, query_string)
 
     def _serves(self, kind: str, method: str, path: str, query_string: bytes) -> bool:
         if workers.operation_in(path) is not None:  # ours, or the agent's to find (AgentOps)
@@ -120,7 +120,8 @@ class Worker:
         """A connection that may be served anywhere goes to the agent when it has less work in hand than we do (the
         agent spreads its own among the workers)."""
         self._loads.set(self.index, self.service.ops.live)
-        if workers.lighter(self.index, self._loads.all(self.processes), [0, self.index], CAPACITY) is None:
+        loads = self._loads.all(self.processes)
+        if workers.lighter(self.index, loads, [0, self.index], self.service.execs.capacity) is None:
             return False
         if not handoff.hand(self._channel, transport, data, handoff.STAY):
             return False

@@ -6,11 +6,11 @@ flight each, then send the barrier, read the rest, check every byte and `return`
 agent's, plus its workers' when it has some) is read before opening, sampled while all sessions stream (the
 peak), and after they closed; growth per session = (peak - before) / N.
 
-A level one process cannot hold under RLIMIT_NOFILE (whose hard limit may not be raisable: 20,000 here) runs
-on a broker of its own with worker processes (``execbroker up --workers P``: each holds its own sessions'
-~8 fds: 3 websockets, 3 pipe ends, the spawn connection, the client's wait) and with the client split over processes (4 fds a
-session each: its websockets and its wait), both sized from the limit. Bounded everywhere: per-session deadline, count caps; a session
-that misses its deadline is a hang.
+A level one process cannot hold under RLIMIT_NOFILE (whose hard limit may not be raisable: 20,000 here)
+runs on a broker of its own with worker processes (``execbroker up --workers P``: each holds its own
+sessions' fds) and with the client split over processes, both sized from the limit; its exit codes come
+from the audit records instead of a wait per session. Bounded everywhere: per-session deadline, count
+caps; a session that misses its deadline is a hang.
 """
 
 from __future__ import annotations
@@ -28,14 +28,12 @@ from websockets.exceptions import ConnectionClosed
 
 from bench.context import Context
 from bench.harness import (
-    BrokerProcess,
     Row,
-    delete_instances,
+    broker_with_workers,
     fd_count,
     nofile_limit,
     raise_nofile,
     vm_rss_kib,
-    worker_pids,
 )
 from bench.wire import Api, Exec, drain, start_exec
 
@@ -47,8 +45,9 @@ BUDGET = {"quick": 100, "full": 900}  # seconds: 10,000 sessions take a few minu
 CHUNK = 16 << 10
 WINDOW = 64 << 10
 SETUP_PARALLEL = 32
-BROKER_FDS = 8  # a `cat` session's fds in the front-end process that runs it, its client's wait included
-CLIENT_FDS = 4  # ... and in the bench client: its three websockets and its wait
+BROKER_FDS = 8  # a `cat` session's fds in the process that runs it: 7 (3 websockets, 3 pipe ends, the spawn
+                # connection), and 1 of headroom (connections spread by load, not exactly evenly)
+CLIENT_FDS = 4  # ... and in a bench client process: its 3 websockets, and 1 of headroom
 FD_RESERVE = 1500  # of each process's limit, for everything else it holds
 PATTERN = random.Random(5).randbytes(1 << 20)
 PATTERN2 = PATTERN + PATTERN  # any stream window of <= 1 MiB is one slice of this
@@ -321,22 +320,10 @@ async def _dedicated(n: int, stream_s: float, hard: int) -> dict[str, object]:
     than the limit asks for: connections spread by load, not exactly evenly), clients likewise."""
     processes = _processes(n, BROKER_FDS, hard) + 1
     clients = _processes(n, CLIENT_FDS, hard) + 1
-    broker = BrokerProcess(env={"EXECBROKER_WORKERS": str(processes)})
-    api = Api(broker.socket)
-    try:
-        await asyncio.to_thread(broker.start)
-        await broker.first_exec(api)
-        assert broker.agent_pid is not None
+    async with broker_with_workers(processes) as (_broker, api, pids):
         # every `cat` is a process of c1: past the default pids limit (an eighth of pid_max) as a user would
         await api.call("PATCH", "/1.0/instances/c1", {"config": {"limits.processes": str(n + 1000)}})
-        workers = await worker_pids(broker.agent_pid, processes)
-        return await level(api, [broker.agent_pid, *workers], n, stream_s, clients)
-    finally:
-        if broker.proc is not None and broker.proc.poll() is None:
-            await delete_instances(api)
-        await api.aclose()
-        if not await asyncio.to_thread(broker.stop):
-            broker.cleanup_dir()
+        return await level(api, pids, n, stream_s, clients)
 
 
 async def run(ctx: Context) -> list[Row]:

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from bench.context import Context
-from bench.harness import BrokerProcess, Row, cpu_seconds, delete_instances, ratio, worker_pids
+from bench.harness import Row, broker_with_workers, cpu_seconds, ratio
 from bench.wire import Api, run_exec
 from bench.workloads.exec_rate import CONCURRENCY
 
@@ -62,13 +62,7 @@ async def _saturate(api: Api, mode: str, seconds: float) -> dict[str, Any]:
 
 
 async def _measure(processes: int, seconds: float) -> dict[str, Any]:
-    broker = BrokerProcess(env={"EXECBROKER_WORKERS": str(processes)})
-    api = Api(broker.socket)
-    try:
-        await asyncio.to_thread(broker.start)
-        await broker.first_exec(api)
-        assert broker.agent_pid is not None
-        pids = [broker.agent_pid, *await worker_pids(broker.agent_pid, processes)]
+    async with broker_with_workers(processes) as (_broker, api, pids):
         out: dict[str, Any] = {"pids": pids}
         for mode in ("task", "websocket"):
             before = {pid: cpu_seconds(pid) for pid in pids}
@@ -78,13 +72,6 @@ async def _measure(processes: int, seconds: float) -> dict[str, Any]:
             run["client_cpu_s"] = round(time.process_time() - self_before, 2)
             out[mode] = run
         return out
-    finally:
-        if broker.proc is not None and broker.proc.poll() is None:
-            await delete_instances(api)
-        await api.aclose()
-        left = await asyncio.to_thread(broker.stop)
-        if not left:
-            broker.cleanup_dir()
 
 
 async def run(ctx: Context) -> list[Row]:
